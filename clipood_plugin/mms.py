@@ -22,6 +22,7 @@ trajectory bit for bit (method_reference §2.2); the paper form drifts by roundi
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Literal, Protocol, runtime_checkable
 
@@ -64,8 +65,9 @@ class MMSLoss(nn.Module):
             (the base classes of base-to-new). Targets are then indices into the subset, relabelled
             from 0, as CoOp's protocol does.
         output_dict: return ``{"mms_loss": loss}`` (open_clip style) instead of a tensor.
-        check_inputs: check labels are in range and features finite. On CUDA this costs one
-            host sync per call; turn it off in a loop that already validated its data.
+        check_inputs: check that labels are in range (one min/max reduction) and that the loss is
+            finite, naming non-finite features when it is not. On CUDA each check is a host sync;
+            turn them off in a loop that already validated its data.
 
     ``forward(image_features [B, D], target)`` takes image features that need not be normalised
     and either class indices ``[B]`` or dense soft targets ``[B, C]`` (mixup/cutmix, as timm's
@@ -128,13 +130,11 @@ class MMSLoss(nn.Module):
         scale = default_scale if scale is None else float(scale)
         if not (scale > 0 and scale < float("inf")):
             raise ValueError(f"scale must be a positive finite number, got {scale}")
-        if not (lam >= 0 and lam < float("inf")):
-            raise ValueError(f"lam must be a non-negative finite number, got {lam}")
         if reduction not in ("mean", "sum", "none"):
             raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
         if not 0.0 <= label_smoothing < 1.0:
             raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
-        self.lam = float(lam)
+        self.lam = lam  # validates and precomputes λ·T
         self.scale = scale
         self.reduction: Reduction = reduction
         self.label_smoothing = float(label_smoothing)
@@ -149,41 +149,63 @@ class MMSLoss(nn.Module):
         c, d = self.text_features.shape
         return f"classes={c}, dim={d}, lam={self.lam}, scale={self.scale:.4g}, reduction={self.reduction}"
 
+    @property
+    def lam(self) -> float:
+        return self._lam
+
+    @lam.setter
+    def lam(self, value: float) -> None:
+        value = float(value)
+        if not (value >= 0 and value < float("inf")):
+            raise ValueError(f"lam must be a non-negative finite number, got {value}")
+        self._lam = value
+        # λ·T precomputed: gathering rows of it gives bitwise the official λ·T[y]
+        self.register_buffer("_lam_text", value * self.text_features, persistent=False)
+
     def forward(
         self, image_features: Tensor, target: Tensor, output_dict: bool | None = None
     ) -> Tensor | dict[str, Tensor]:
-        soft = self._check(image_features, target)
+        soft = self._check_shapes(image_features, target)
         if not soft:
             target = target.long()
-        dtype = torch.promote_types(image_features.dtype, torch.float32)
-        # Autocast would run the projection in bf16/fp16; the margin is a small difference of
-        # near-equal logits at scale ~100, so keep the whole loss in fp32.
-        with torch.autocast(device_type=image_features.device.type, enabled=False):
-            text = self.text_features.to(dtype)
-            feats = F.normalize(image_features.to(dtype), dim=-1)
-            if soft:
-                q = target.to(dtype)
-                anchor = q @ text  # target-weighted text vector; = T_y for one-hot q
-            else:
-                anchor = text.index_select(0, target)
-            logits = (feats - self.lam * anchor) @ text.t()
-            logits = logits * self.scale
-            if soft:
-                loss = torch.sum(-q * F.log_softmax(logits, dim=-1), dim=-1)
-                if self.reduction == "mean":
-                    loss = loss.mean()
-                elif self.reduction == "sum":
-                    loss = loss.sum()
-            else:
-                loss = F.cross_entropy(
-                    logits, target, reduction=self.reduction, label_smoothing=self.label_smoothing
-                )
+            if self.check_inputs:
+                self._check_labels(target)
+        if _autocast_enabled(image_features.device.type):
+            # Autocast would run the projection in bf16/fp16; the margin is a small difference of
+            # near-equal logits at scale ~100, so the whole loss stays in fp32.
+            with torch.autocast(device_type=image_features.device.type, enabled=False):
+                loss = self._loss(image_features, target, soft)
+        else:
+            loss = self._loss(image_features, target, soft)
+        if self.check_inputs and not _all_finite(loss):
+            self._diagnose_non_finite(image_features, target)
         if self.output_dict if output_dict is None else output_dict:
             return {"mms_loss": loss}
         return loss
 
-    def _check(self, image_features: Tensor, target: Tensor) -> bool:
-        """Validate shapes (always) and values (when ``check_inputs``); return True for soft targets."""
+    def _loss(self, image_features: Tensor, target: Tensor, soft: bool) -> Tensor:
+        dtype = torch.promote_types(image_features.dtype, torch.float32)
+        text = self.text_features.to(dtype)
+        lam_text = self._lam_text.to(dtype)
+        # Official order (engine.py): f̂ = f/‖f‖; f̂ -= λ·T[y]; z = f̂ @ Tᵀ; z = s·z
+        feats = F.normalize(image_features.to(dtype), dim=-1)
+        if soft:
+            q = target.to(dtype)
+            feats = feats.sub_(q @ lam_text)  # target-weighted text vector; = λ·T_y for one-hot q
+        else:
+            feats = feats.sub_(lam_text.index_select(0, target))
+        logits = (feats @ text.t()) * self.scale
+        if not soft:
+            return F.cross_entropy(logits, target, reduction=self.reduction, label_smoothing=self.label_smoothing)
+        loss = torch.sum(-q * F.log_softmax(logits, dim=-1), dim=-1)
+        if self.reduction == "mean":
+            return loss.mean()
+        if self.reduction == "sum":
+            return loss.sum()
+        return loss
+
+    def _check_shapes(self, image_features: Tensor, target: Tensor) -> bool:
+        """Validate shapes and dtypes (free: no kernel runs); return True for soft targets."""
         num_classes, dim = self.text_features.shape
         if image_features.dim() != 2:
             raise ValueError(f"image_features must be [B, D], got shape {tuple(image_features.shape)}")
@@ -193,8 +215,9 @@ class MMSLoss(nn.Module):
                 f"embedding dimension {dim}"
             )
         batch = image_features.shape[0]
-        soft = target.dim() == 2
-        if soft:
+        if batch == 0:
+            raise ValueError("empty batch: image_features has 0 rows")
+        if target.dim() == 2:
             if tuple(target.shape) != (batch, num_classes):
                 raise ValueError(
                     f"soft targets must be [B, C] = [{batch}, {num_classes}], got {tuple(target.shape)}"
@@ -203,27 +226,47 @@ class MMSLoss(nn.Module):
                 raise TypeError(f"soft targets must be floating point, got {target.dtype}")
             if self.label_smoothing:
                 raise ValueError("label_smoothing applies to hard labels; smooth soft targets upstream (mixup does)")
-        elif target.dim() == 1:
-            if target.shape[0] != batch:
-                raise ValueError(f"target has {target.shape[0]} labels for a batch of {batch} features")
-            if target.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8, torch.int8):
-                raise TypeError(f"hard labels must be an integer tensor, got {target.dtype}")
-        else:
+            return True
+        if target.dim() != 1:
             raise ValueError(f"target must be [B] class indices or [B, C] soft targets, got {tuple(target.shape)}")
-        if self.check_inputs:
-            finite = torch.isfinite(image_features).all()
-            if soft:
-                ok = finite & (target >= 0).all()
-            else:
-                ok = finite & (target >= 0).all() & (target < num_classes).all()
-            if not bool(ok):  # one host sync; the diagnosis below only runs on failure
-                if not bool(torch.isfinite(image_features).all()):
-                    rows = torch.nonzero(~torch.isfinite(image_features).all(dim=1)).flatten().tolist()
-                    raise ValueError(f"image_features contain NaN or Inf (batch rows {rows[:8]})")
-                if soft:
-                    raise ValueError("soft targets contain negative entries")
-                bad = target[(target < 0) | (target >= num_classes)]
-                raise ValueError(
-                    f"labels out of range [0, {num_classes}): {sorted(set(bad.tolist()))[:8]}"
-                )
-        return soft
+        if target.shape[0] != batch:
+            raise ValueError(f"target has {target.shape[0]} labels for a batch of {batch} features")
+        if target.is_floating_point() or target.is_complex() or target.dtype == torch.bool:
+            raise TypeError(f"hard labels must be an integer tensor, got {target.dtype}")
+        return False
+
+    def _check_labels(self, target: Tensor) -> None:
+        """One min/max reduction (a host sync on CUDA): out-of-range labels would otherwise be a
+        device-side assert on GPU or an opaque index error on CPU."""
+        num_classes = self.text_features.shape[0]
+        low, high = torch.aminmax(target)
+        if int(low) < 0 or int(high) >= num_classes:
+            bad = target[(target < 0) | (target >= num_classes)]
+            raise ValueError(f"labels out of range [0, {num_classes}): {sorted(set(bad.tolist()))[:8]}")
+
+    def _diagnose_non_finite(self, image_features: Tensor, target: Tensor) -> None:
+        """The loss is NaN/Inf: name the cause (checked after the fact, so the happy path is free)."""
+        finite_rows = torch.isfinite(image_features).all(dim=1)
+        if not bool(finite_rows.all()):
+            rows = torch.nonzero(~finite_rows).flatten().tolist()
+            raise ValueError(f"image_features contain NaN or Inf (batch rows {rows[:8]})")
+        if target.is_floating_point() and not bool(torch.isfinite(target).all()):
+            raise ValueError("soft targets contain NaN or Inf")
+        if target.is_floating_point() and bool((target < 0).any()):
+            raise ValueError("soft targets contain negative entries")
+        raise FloatingPointError("MMSLoss is not finite although its inputs are; is the scale too large?")
+
+
+def _all_finite(loss: Tensor) -> bool:
+    if loss.dim() == 0:
+        return math.isfinite(loss.item())  # cheaper than an isfinite kernel for a scalar
+    return bool(torch.isfinite(loss).all())
+
+
+def _autocast_enabled(device_type: str) -> bool:
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except TypeError:  # torch < 2.4 has no device_type argument
+        if device_type == "cpu":
+            return torch.is_autocast_cpu_enabled()
+        return torch.is_autocast_enabled()

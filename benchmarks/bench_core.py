@@ -1,0 +1,186 @@
+"""Core benchmarks: MMSLoss against cross-entropy, one BMA update against the bandwidth floor.
+
+A script, not a test. Every comparison is measured in one run, interleaved round by round, and
+printed as a ratio, because absolute times drift on shared machines. Usage::
+
+    python benchmarks/bench_core.py            # full run (ViT-B/16-sized tower, ~1–2 min on a CPU)
+    python benchmarks/bench_core.py --quick    # smaller tower, fewer rounds (a smoke run)
+    python benchmarks/bench_core.py --device cuda --write   # and record into RESULTS.md
+
+Targets (issue "Core"): MMSLoss forward+backward ≤ 1.10× plain cross-entropy on scaled cosine
+logits; one BMA update ≤ 1.15× a bare ``torch._foreach_lerp_`` over the same tensors, and faster
+than the official per-parameter rule ``avg = (avg + r·θ) / (1 + r)``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from datetime import date
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch
+import torch.nn.functional as F
+from rich.console import Console
+from rich.table import Table
+from torch import nn
+
+from clipood_plugin import BetaMovingAverage, MMSLoss
+
+RESULTS = Path(__file__).with_name("RESULTS.md")
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def interleaved(fns: dict[str, Callable[[], object]], rounds: int, inner: int, device: torch.device) -> dict[str, float]:
+    """Median over rounds of the mean time per call; each round runs every candidate once."""
+    for fn in fns.values():  # warm-up
+        for _ in range(max(1, inner // 4)):
+            fn()
+    samples: dict[str, list[float]] = {name: [] for name in fns}
+    for r in range(rounds):
+        order = list(fns.items())
+        if r % 2:
+            order.reverse()  # no candidate always runs first
+        for name, fn in order:
+            sync(device)
+            start = time.perf_counter()
+            for _ in range(inner):
+                fn()
+            sync(device)
+            samples[name].append((time.perf_counter() - start) / inner)
+    return {name: statistics.median(times) for name, times in samples.items()}
+
+
+def bench_mms(batch: int, classes: int, dim: int, device: torch.device, rounds: int, inner: int) -> dict[str, float]:
+    gen = torch.Generator().manual_seed(0)
+    text = F.normalize(torch.randn(classes, dim, generator=gen), dim=-1).to(device)
+    feats = torch.randn(batch, dim, generator=gen).to(device).requires_grad_(True)
+    labels = torch.randint(0, classes, (batch,), generator=gen).to(device)
+    mms = MMSLoss(text, lam=0.3, scale=100.0).to(device)
+
+    def cross_entropy() -> None:
+        logits = 100.0 * F.normalize(feats, dim=-1) @ text.t()
+        F.cross_entropy(logits, labels).backward()
+        feats.grad = None
+
+    def mms_loss() -> None:
+        mms(feats, labels).backward()
+        feats.grad = None
+
+    return interleaved({"cross-entropy": cross_entropy, "MMSLoss": mms_loss}, rounds, inner, device)
+
+
+def official_rule(averaged: list[torch.Tensor], current: list[torch.Tensor], r: float) -> None:
+    """The official per-parameter update restated: avg ← (avg + r·θ) / (1 + r), out of place."""
+    for avg, cur in zip(averaged, current):
+        avg.data = (avg.data + r * cur.data) / (1 + r)
+
+
+def bench_bma(tower: nn.Module, device: torch.device, rounds: int) -> dict[str, float]:
+    from timm.utils import ModelEmaV3
+    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+    tower = tower.to(device)
+    total = 10_000
+    bma = BetaMovingAverage(tower, total_steps=total, beta=0.5)
+    ema_torch = AveragedModel(tower, multi_avg_fn=get_ema_multi_avg_fn(0.999))
+    ema_torch.update_parameters(tower)  # the first call only copies
+    ema_timm = ModelEmaV3(tower, decay=0.999)
+    floor_avg = [p.detach().clone() for p in tower.parameters()]
+    official_avg = [p.detach().clone() for p in copy.deepcopy(tower).parameters()]
+    params = [p.detach() for p in tower.parameters()]
+    step = {"n": 0}
+
+    def bma_update() -> None:
+        if bma.steps >= total:  # long benchmarks: restart rather than pass the horizon
+            bma.set(tower)
+        bma.update_parameters(tower)
+
+    def timm_update() -> None:
+        step["n"] += 1
+        ema_timm.update(tower, step=step["n"])
+
+    fns = {
+        "foreach_lerp_ floor": lambda: torch._foreach_lerp_(floor_avg, params, 0.01),
+        "BetaMovingAverage": bma_update,
+        "AveragedModel+EMA": lambda: ema_torch.update_parameters(tower),
+        "timm ModelEmaV3": timm_update,
+        "official rule": lambda: official_rule(official_avg, params, 0.01),
+    }
+    return interleaved(fns, rounds, 1, device)
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--quick", action="store_true", help="small tower and few rounds (smoke run)")
+    parser.add_argument("--write", action="store_true", help=f"append the results to {RESULTS.name}")
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    console = Console()
+    rows: list[tuple[str, str, float, float, str]] = []
+
+    rounds = 5 if args.quick else 15
+    for batch, classes, dim in ((256, 1000, 512), (36, 65, 512)):
+        inner = 20 if args.quick else 100
+        t = bench_mms(batch, classes, dim, device, rounds, inner)
+        ratio = t["MMSLoss"] / t["cross-entropy"]
+        rows.append((f"MMSLoss fwd+bwd B={batch} C={classes} D={dim}", "cross-entropy", t["MMSLoss"] * 1e6,
+                     ratio, "≤ 1.10"))
+
+    import open_clip
+
+    name = "ViT-S-16" if args.quick else "ViT-B-16"
+    tower = open_clip.create_model(name, pretrained=None).visual
+    n_params = sum(p.numel() for p in tower.parameters())
+    t = bench_bma(tower, device, rounds=3 if args.quick else 9)
+    floor = t["foreach_lerp_ floor"]
+    label = f"{name} image tower ({n_params / 1e6:.1f}M params), one update"
+    for method in ("BetaMovingAverage", "AveragedModel+EMA", "timm ModelEmaV3", "official rule"):
+        target = {"BetaMovingAverage": "≤ 1.15", "official rule": "> BMA"}.get(method, "")
+        rows.append((f"{method}: {label}", "foreach_lerp_ floor", t[method] * 1e6, t[method] / floor, target))
+    rows.append(("BMA speed-up over the official rule", "", 0.0, t["official rule"] / t["BetaMovingAverage"], "> 1"))
+
+    table = Table(title=f"bench_core on {device_name(device)}, torch {torch.__version__}")
+    for col in ("case", "baseline", "time / call (µs)", "ratio", "target"):
+        table.add_column(col)
+    for case, base, micros, ratio, target in rows:
+        table.add_row(case, base, f"{micros:,.0f}" if micros else "", f"{ratio:.3f}×", target)
+    console.print(table)
+
+    if args.write:
+        lines = [
+            f"\n### bench_core — {date.today().isoformat()} — {device_name(device)}, torch {torch.__version__}"
+            + (" (quick)" if args.quick else ""),
+            "",
+            "| case | baseline | time / call (µs) | ratio | target |",
+            "|---|---|---|---|---|",
+        ]
+        lines += [
+            f"| {c} | {b} | {m:,.0f} | {r:.3f}× | {tg} |" if m else f"| {c} | {b} | | {r:.3f}× | {tg} |"
+            for c, b, m, r, tg in rows
+        ]
+        with RESULTS.open("a") as fh:
+            fh.write("\n".join(lines) + "\n")
+        console.print(f"appended to {RESULTS}")
+
+
+if __name__ == "__main__":
+    main()
