@@ -1,0 +1,1 @@
+"""Training-loop plumbing shared by the recipes: checkpoints, distributed set-up, evaluation, progress."""
