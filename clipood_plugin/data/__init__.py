@@ -1,0 +1,58 @@
+"""Data layer: write WebDataset shards, stream them for training, and decide which URLs to open.
+
+- :mod:`clipood_plugin.data.make_shards` — :func:`write_shards` and the ``clipood-make-shards`` CLI
+  (ImageFolder, CSV and DomainBed sources).
+- :mod:`clipood_plugin.data.stream` — :func:`make_train_loader` / :func:`make_eval_loader`, the
+  open_clip-order pipeline built from webdataset's stages.
+- :mod:`clipood_plugin.data.urls` — brace expansion, the ``pipe:`` policy and fsspec openers.
+
+Names are imported on first use: the shard writer needs neither torch nor webdataset, so the CLI
+(and its worker processes) start quickly.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from clipood_plugin.data.make_shards import ShardSetInfo, write_shards
+    from clipood_plugin.data.stream import EvalLoader, TrainLoader, make_eval_loader, make_train_loader
+    from clipood_plugin.data.urls import check_url, expand_urls, register_fsspec_handlers
+
+_PUBLIC = {
+    "ShardSetInfo": "clipood_plugin.data.make_shards",
+    "write_shards": "clipood_plugin.data.make_shards",
+    "EvalLoader": "clipood_plugin.data.stream",
+    "TrainLoader": "clipood_plugin.data.stream",
+    "make_eval_loader": "clipood_plugin.data.stream",
+    "make_train_loader": "clipood_plugin.data.stream",
+    "check_url": "clipood_plugin.data.urls",
+    "expand_urls": "clipood_plugin.data.urls",
+    "register_fsspec_handlers": "clipood_plugin.data.urls",
+}
+
+__all__ = [
+    "EvalLoader",
+    "ShardSetInfo",
+    "TrainLoader",
+    "check_url",
+    "expand_urls",
+    "make_eval_loader",
+    "make_train_loader",
+    "register_fsspec_handlers",
+    "write_shards",
+]
+
+
+def __getattr__(name: str) -> Any:
+    module = _PUBLIC.get(name)
+    if module is None:
+        raise AttributeError(f"module 'clipood_plugin.data' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_PUBLIC))
