@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-__all__ = ["DistInfo", "all_reduce_mean", "barrier", "cleanup", "init_distributed"]
+__all__ = ["DistInfo", "all_gather_objects", "all_reduce_mean", "barrier", "cleanup", "init_distributed"]
 
 _CPU = torch.device("cpu")
 
@@ -65,6 +65,15 @@ def all_reduce_mean(value: float, info: DistInfo) -> float:
     t = torch.tensor([value], dtype=torch.float64, device=info.device if info.device.type == "cuda" else "cpu")
     dist.all_reduce(t)
     return t.item() / info.world_size
+
+
+def all_gather_objects(value: object, info: DistInfo) -> list[object]:
+    """Every rank's ``value``, in rank order (a list of one without distribution)."""
+    if not info.distributed:
+        return [value]
+    gathered: list[object] = [None] * info.world_size
+    dist.all_gather_object(gathered, value)
+    return gathered
 
 
 def cleanup(info: DistInfo) -> None:

@@ -1,0 +1,501 @@
+"""CLIPood fine-tuning on WebDataset shards: one file, top to bottom, timm-style.
+
+    python recipes/imagenet_webdataset.py                       # the embedded default, offline, CPU
+    python recipes/imagenet_webdataset.py -c my.yaml --lr 1e-5  # YAML defaults, flags override
+    torchrun --nproc_per_node=8 recipes/imagenet_webdataset.py --train-shards 's3://b/in1k-{0000..1023}.tar' ...
+
+The order of one step (docs/architecture): shards → streaming pipeline → image tower →
+MMSLoss against the frozen TextHead → backward, optimizer, scheduler → BetaMovingAverage update →
+every epoch, evaluation of the raw and the averaged weights → an atomic checkpoint.
+
+Defaults are the paper's: AdamW (wd 0.1), cosine schedule with no warmup, λ = 0.3, β = 0.5,
+T = the run's optimizer steps, only the image tower trains, and the model's own logit scale.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import csv
+import json
+import math
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("HF_HUB_OFFLINE", os.environ.get("HF_HUB_OFFLINE", "0"))
+
+import torch
+import torch.nn.functional as F
+import yaml
+from torch import nn
+
+from clipood_plugin import BetaMovingAverage, MMSLoss, TextHead
+from clipood_plugin.data.stream import make_eval_loader, make_train_loader
+from clipood_plugin.data.urls import read_json, sibling_url
+from clipood_plugin.templates import get_templates
+from clipood_plugin.training.checkpoint import CheckpointManager, capture_rng, load_checkpoint, restore_rng
+from clipood_plugin.training.distributed import all_gather_objects, all_reduce_mean, cleanup, init_distributed
+from clipood_plugin.training.evaluate import evaluate
+from clipood_plugin.training.progress import TrainProgress
+
+# ----------------------------------------------------------------------------------------------
+# Configuration: -c/--config YAML gives defaults, command-line flags override (timm's two stages)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        description="CLIPood (MMS + BMA) fine-tuning of a CLIP image tower on WebDataset shards.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("-c", "--config", default=None, help="YAML file of defaults (keys are flag names with _)")
+
+    g = p.add_argument_group("data")
+    g.add_argument("--train-shards", default=None,
+                   help="training shards: brace pattern, '::'-list, directory, file://, s3://, gs://, az://, http(s)://; "
+                        "omit all data flags to run the embedded default world")
+    g.add_argument("--train-num-samples", type=int, default=None,
+                   help="samples per epoch (else read from sizes.json / _info.json beside the shards)")
+    g.add_argument("--classnames", default=None,
+                   help="class names of the training shards: a JSON list or a text file, one per line "
+                        "(default: classnames.json beside the shards)")
+    g.add_argument("--template", default="clip",
+                   help="prompt template preset (clip, openai_imagenet, simple_imagenet, a dataset name) or a "
+                        "template string with {}")
+    g.add_argument("--eval-shards", action="append", default=[], metavar="NAME=URLS[|CLASSNAMES]",
+                   help="an evaluation set (repeatable); its own class-name file after '|' (default: the training "
+                        "class names)")
+    g.add_argument("--eval-class-subset", action="append", default=[], metavar="NAME=IDX,IDX|@FILE",
+                   help="restrict an eval set's argmax to these class indices (or names in a file), e.g. ImageNet-A/R")
+    g.add_argument("--base-classes", default=None,
+                   help="comma-separated base class indices: eval reports base, new and harmonic mean")
+    g.add_argument("--resampled", action="store_true", help="sample shards with replacement (infinite stream)")
+    g.add_argument("--shuffle-buffer", type=int, default=2000, help="sample shuffle buffer per worker")
+    g.add_argument("--workers", type=int, default=2, help="data-loading worker processes per rank")
+    g.add_argument("--allow-pipe", action="store_true", help="allow pipe: URLs (they run shell commands)")
+
+    g = p.add_argument_group("model")
+    g.add_argument("--model", default=None, help="open_clip model name, e.g. ViT-B-16 (default: the embedded tiny CLIP)")
+    g.add_argument("--pretrained", default=None,
+                   help="open_clip pretrained tag (e.g. openai) or a local checkpoint (.safetensors, or a torch file "
+                        "loaded with weights_only=True)")
+    g.add_argument("--timm-tower", default=None,
+                   help="use this timm CLIP image tower (e.g. vit_base_patch16_clip_quickgelu_224.openai) with the "
+                        "open_clip text tower of --model")
+    g.add_argument("--freeze", choices=["text", "text+embeddings"], default="text",
+                   help="what stays frozen: the text tower (paper), or also the patch/positional embeddings")
+    g.add_argument("--torchcompile", action="store_true", help="torch.compile the image tower")
+
+    g = p.add_argument_group("method")
+    g.add_argument("--loss", choices=["mms", "ce"], default="mms",
+                   help="mms: Margin Metric Softmax (paper Eq. 3-4); ce: cross-entropy on the frozen text head")
+    g.add_argument("--mms-lambda", type=float, default=0.3, help="MMS margin strength λ")
+    g.add_argument("--mms-scale", type=float, default=None, help="logit scale s (default: the model's exp(logit_scale))")
+    g.add_argument("--bma-beta", type=float, default=0.5, help="β of the Beta moving average (paper Eq. 6)")
+    g.add_argument("--no-bma", action="store_true", help="do not keep a Beta moving average")
+    g.add_argument("--ema-decay", type=float, default=None, help="also keep an EMA with this decay, for comparison")
+
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--epochs", type=int, default=1, help="passes over --train-num-samples")
+    g.add_argument("--total-steps", type=int, default=None,
+                   help="optimizer steps (T of BMA); default: epochs × steps per epoch / grad accum")
+    g.add_argument("--batch-size", type=int, default=36, help="per-rank batch size")
+    g.add_argument("--lr", type=float, default=5e-6, help="AdamW learning rate (paper: 5e-6)")
+    g.add_argument("--weight-decay", type=float, default=0.1, help="AdamW weight decay, on every parameter (paper)")
+    g.add_argument("--warmup-steps", type=int, default=0, help="linear warmup before the cosine (paper: none)")
+    g.add_argument("--amp", choices=["none", "bf16", "fp16"], default="none",
+                   help="autocast dtype; weights and the BMA stay fp32")
+    g.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
+    g.add_argument("--clip-grad", type=float, default=None, help="clip the gradient norm to this value")
+
+    g = p.add_argument_group("run")
+    g.add_argument("--output", default="output/train", help="run directory (args.yaml, summary.csv, checkpoints)")
+    g.add_argument("--resume", default=None, help="'auto' (newest checkpoint in --output) or a checkpoint path")
+    g.add_argument("--checkpoint-interval", type=int, default=0,
+                   help="also checkpoint every N optimizer steps (0: at epoch ends only)")
+    g.add_argument("--keep-checkpoints", type=int, default=3, help="step checkpoints to keep besides last and best")
+    g.add_argument("--eval-metric", default="eval_bma_top1", help="metric that picks best.pt")
+    g.add_argument("--no-eval-zero-shot", action="store_true",
+                   help="skip evaluating the pretrained (zero-shot) weights before training")
+    g.add_argument("--log-interval", type=int, default=10,
+                   help="every N steps append the rank-averaged training loss to train_log.jsonl")
+    g.add_argument("--seed", type=int, default=0, help="seeds model init, data order and augmentation")
+    g.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    g.add_argument("--cache-dir", default=None, help="cache for text heads and the embedded world")
+    g.add_argument("--quick", action="store_true", help="embedded default only: a small world and few steps")
+    return p
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = build_parser()
+    first, _ = parser.parse_known_args(argv)
+    if first.config:
+        defaults = yaml.safe_load(Path(first.config).read_text()) or {}
+        known = {a.dest for a in parser._actions}
+        unknown = sorted(set(defaults) - known)
+        if unknown:
+            parser.error(f"{first.config}: unknown keys {unknown}")
+        parser.set_defaults(**defaults)
+    return parser.parse_args(argv)
+
+
+# ----------------------------------------------------------------------------------------------
+# Building blocks (each small; the main loop below reads top to bottom)
+
+
+def load_classnames(spec: str | None, shards: str) -> list[str]:
+    if spec is None:
+        names = read_json(sibling_url(first_url(shards), "classnames.json"))
+    elif spec.endswith(".json"):
+        names = json.loads(Path(spec).read_text())
+    else:
+        names = [line.strip() for line in Path(spec).read_text().splitlines() if line.strip()]
+    if not isinstance(names, list) or not names:
+        raise ValueError(f"no class names found ({spec or 'classnames.json beside the shards'})")
+    return [str(n) for n in names]
+
+
+def first_url(shards: str) -> str:
+    from clipood_plugin.data.urls import expand_urls
+
+    return expand_urls(shards)[0]
+
+
+def build_model(args: argparse.Namespace, device: torch.device) -> tuple[nn.Module, nn.Module, Any, Any, Any]:
+    """(clip_model, image_tower, train_transform, eval_transform, tokenizer)."""
+    import open_clip
+
+    if args.model.startswith("clipood-tiny"):  # the embedded world's tiny CLIP config
+        from clipood_plugin.world.tiny_clip import register_model_config
+
+        register_model_config()
+    pretrained = args.pretrained
+    local = pretrained is not None and Path(pretrained).is_file()
+    if args.pretrained and "openai" in str(args.pretrained) and "quickgelu" not in args.model.lower() and not local:
+        print(f"note: open_clip uses QuickGELU automatically for pretrained='openai' with {args.model}", file=sys.stderr)
+    model, train_tf, eval_tf = open_clip.create_model_and_transforms(
+        args.model, pretrained=None if local else pretrained, device=device
+    )
+    if local:
+        load_local_weights(model, Path(pretrained))
+    tokenizer = open_clip.get_tokenizer(args.model)
+    tower: nn.Module = model.visual
+    if args.timm_tower:
+        import timm
+
+        name = args.timm_tower
+        if ".openai" in name and "quickgelu" not in name:
+            print(f"warning: {name} is natively QuickGELU; use the *_clip_quickgelu_* variant "
+                  "(timm#2031) or features will not match the text tower", file=sys.stderr)
+        tower = timm.create_model(name, pretrained=True, num_classes=model.text_projection.shape[1]).to(device)
+        train_tf = eval_tf = timm.data.create_transform(**timm.data.resolve_data_config({}, model=tower))
+    return model, tower, train_tf, eval_tf, tokenizer
+
+
+def load_local_weights(model: nn.Module, path: Path) -> None:
+    """A local checkpoint: safetensors, or a torch file read with weights_only=True (no code runs)."""
+    from clipood_plugin._wrappers import strip_wrapper_prefixes
+
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        state = load_file(str(path))
+    else:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = state.get("state_dict", state) if isinstance(state, dict) else state
+    model.load_state_dict(strip_wrapper_prefixes(state))
+
+
+def freeze_all_but_tower(model: nn.Module, tower: nn.Module, freeze: str) -> list[nn.Parameter]:
+    model.requires_grad_(False)
+    tower.requires_grad_(True)
+    if freeze == "text+embeddings":
+        for name, p in tower.named_parameters():
+            if any(k in name for k in ("conv1", "positional_embedding", "class_embedding", "patch_embed", "pos_embed")):
+                p.requires_grad_(False)
+    return [p for p in tower.parameters() if p.requires_grad]
+
+
+def cosine_with_warmup(optimizer: torch.optim.Optimizer, total_steps: int, warmup: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """Per-step schedule: linear warmup, then cosine to 0 at ``total_steps`` (paper: no warmup)."""
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, total_steps - warmup)
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def parse_eval_sets(args: argparse.Namespace, train_classnames: list[str]) -> list[tuple[str, str, list[str]]]:
+    sets = []
+    for spec in args.eval_shards:
+        name, _, rest = spec.partition("=")
+        if not rest:
+            raise ValueError(f"--eval-shards {spec!r}: expected NAME=URLS[|CLASSNAMES]")
+        urls, _, names_file = rest.partition("|")
+        names = load_classnames(names_file, urls) if names_file else train_classnames
+        sets.append((name, urls, names))
+    return sets
+
+
+def parse_subsets(args: argparse.Namespace, classnames_by_set: dict[str, list[str]]) -> dict[str, torch.Tensor]:
+    subsets = {}
+    for spec in args.eval_class_subset:
+        name, _, rest = spec.partition("=")
+        if name not in classnames_by_set:
+            raise ValueError(f"--eval-class-subset names unknown eval set {name!r}")
+        if rest.startswith("@"):
+            wanted = [line.strip() for line in Path(rest[1:]).read_text().splitlines() if line.strip()]
+            index = {n: i for i, n in enumerate(classnames_by_set[name])}
+            missing = [w for w in wanted if w not in index]
+            if missing:
+                raise ValueError(f"--eval-class-subset {name}: names not among its classes: {missing[:5]}")
+            subsets[name] = torch.tensor([index[w] for w in wanted])
+        else:
+            subsets[name] = torch.tensor([int(i) for i in rest.split(",")])
+    return subsets
+
+
+def write_summary(path: Path, row: dict[str, Any]) -> None:
+    new = not path.exists()
+    with path.open("a", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(row))
+        if new:
+            writer.writeheader()
+        writer.writerow(row)
+
+
+def print_results_table(results: dict[str, Any], eval_names: list[str], out_dir: Path) -> None:
+    """Top-1 per eval set for the zero-shot, fine-tuned and averaged weights."""
+    from rich.console import Console
+    from rich.table import Table
+
+    columns = [("eval_zs", "zero-shot"), ("eval", "fine-tuned"), ("eval_bma", "BMA (CLIPood)"), ("eval_ema", "EMA")]
+    columns = [(p, title) for p, title in columns if any(f"{p}_{n}_top1" in results for n in eval_names)]
+    table = Table(title=f"top-1 accuracy (%), {out_dir}")
+    table.add_column("eval set")
+    for _, title in columns:
+        table.add_column(title, justify="right")
+    for name in eval_names:
+        table.add_row(name, *[f"{results[f'{p}_{name}_top1']:.1f}" if f"{p}_{name}_top1" in results else "–"
+                              for p, _ in columns])
+    Console().print(table)
+
+
+# ----------------------------------------------------------------------------------------------
+# The run
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    dist_info = init_distributed(args.device)
+    device = dist_info.device
+    primary = dist_info.is_primary
+    torch.manual_seed(args.seed)  # identical model init on every rank
+
+    if args.train_shards is None:  # the embedded default: a generated world and its tiny CLIP
+        from clipood_plugin.world.default import prepare_embedded_default
+
+        prepare_embedded_default(args, primary=primary)
+    out_dir = Path(args.output)
+    if primary:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "args.yaml").write_text(yaml.safe_dump(vars(args), sort_keys=False))
+
+    # -- model, frozen text head, loss -------------------------------------------------------
+    model, tower, train_tf, eval_tf, tokenizer = build_model(args, device)
+    params = freeze_all_but_tower(model, tower, args.freeze)
+    classnames = load_classnames(args.classnames, args.train_shards)
+    templates = get_templates(args.template)
+    head = TextHead.from_open_clip(model, tokenizer, classnames, templates, device=device,
+                                   cache_dir=args.cache_dir, progress=primary).to(device)
+    if args.loss == "mms":
+        criterion: nn.Module = MMSLoss(head, lam=args.mms_lambda, scale=args.mms_scale)
+    else:
+        scale = args.mms_scale
+
+        def criterion(features: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+            logits = head(features) if scale is None else scale / head.scale * head(features)
+            return F.cross_entropy(logits, target)
+
+    # -- data: every rank takes the same number of steps ------------------------------------
+    train = make_train_loader(
+        args.train_shards, batch_size=args.batch_size, transform=train_tf, num_classes=len(classnames),
+        num_samples=args.train_num_samples, workers=args.workers, world_size=dist_info.world_size,
+        rank=dist_info.rank, seed=args.seed, resampled=args.resampled, shuffle_buffer=args.shuffle_buffer,
+        allow_pipe=args.allow_pipe,
+    )
+    steps_per_epoch = train.steps_per_epoch // args.grad_accum
+    if steps_per_epoch < 1:
+        raise ValueError(f"an epoch has {train.steps_per_epoch} batches, fewer than --grad-accum {args.grad_accum}")
+    total_steps = args.total_steps or args.epochs * steps_per_epoch
+    epochs = math.ceil(total_steps / steps_per_epoch)
+    eval_sets = parse_eval_sets(args, classnames)
+    eval_heads = {name: head if names == classnames else
+                  TextHead.from_open_clip(model, tokenizer, names, templates, device=device,
+                                          cache_dir=args.cache_dir, progress=primary).to(device)
+                  for name, _, names in eval_sets}
+    subsets = parse_subsets(args, {name: names for name, _, names in eval_sets})
+    base_classes = torch.tensor([int(i) for i in args.base_classes.split(",")]) if args.base_classes else None
+
+    # -- optimisation: AdamW over the tower, cosine per step, fp32 master weights ----------
+    optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
+    scheduler = cosine_with_warmup(optimizer, total_steps, args.warmup_steps)
+    amp_dtype = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.amp]
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype is torch.float16)
+    bma = None if args.no_bma else BetaMovingAverage(tower, total_steps=total_steps, beta=args.bma_beta)
+    ema = None
+    if args.ema_decay is not None:
+        from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+        ema = AveragedModel(tower, multi_avg_fn=get_ema_multi_avg_fn(args.ema_decay))
+        ema.update_parameters(tower)
+    train_tower: nn.Module = tower
+    if dist_info.distributed:
+        train_tower = nn.parallel.DistributedDataParallel(
+            tower, device_ids=[device.index] if device.type == "cuda" else None)
+    if args.torchcompile:
+        train_tower = torch.compile(train_tower)
+
+    # -- resume: model, averages, optimizer, schedule, RNG and the data position -----------
+    ckpt = CheckpointManager(out_dir / "checkpoints", keep_last=args.keep_checkpoints)
+    step, start_epoch, skip_batches = 0, 0, 0
+    resume_path = ckpt.latest() if args.resume == "auto" else (Path(args.resume) if args.resume else None)
+    if resume_path is not None:
+        state = load_checkpoint(resume_path)
+        tower.load_state_dict(state["state_dict"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        scaler.load_state_dict(state["scaler"])
+        if bma is not None:
+            bma.load_state_dict(state["averager"])
+        if ema is not None and "ema" in state:
+            ema.load_state_dict(state["ema"])
+        restore_rng(state["rng"])
+        step, start_epoch, skip_batches = state["step"], state["epoch"], state["batches_in_epoch"]
+        ckpt.best_metric = state.get("best_metric")
+        if primary:
+            print(f"resumed from {resume_path} at step {step}", file=sys.stderr)
+
+    def checkpoint(epoch: int, batches_in_epoch: int, metric: float | None = None) -> None:
+        if not primary:
+            return
+        state = {
+            "arch": args.model, "args": vars(args), "step": step, "epoch": epoch,
+            "batches_in_epoch": batches_in_epoch, "state_dict": tower.state_dict(),
+            "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+            "scaler": scaler.state_dict(), "rng": capture_rng(), "best_metric": ckpt.best_metric,
+        }
+        if bma is not None:
+            state["state_dict_ema"] = bma.module.state_dict()  # what timm's readers load
+            state["averager"] = bma.state_dict()
+        if ema is not None:
+            state["ema"] = ema.state_dict()
+        ckpt.save(step, state, metric)
+
+    def run_eval(models: dict[str, nn.Module | None]) -> dict[str, float]:
+        metrics: dict[str, float] = {}
+        if not primary:
+            return metrics
+        for name, urls, names in eval_sets:
+            loader = make_eval_loader(urls, batch_size=args.batch_size, transform=eval_tf, num_classes=len(names),
+                                      workers=min(args.workers, 1), allow_pipe=args.allow_pipe)
+            for prefix, net in models.items():
+                if net is None:
+                    continue
+                result = evaluate(net, eval_heads[name], loader, device, amp_dtype=amp_dtype,
+                                  class_subset=subsets.get(name), base_classes=base_classes)
+                metrics.update({f"{prefix}_{name}_{k}": v for k, v in result.items() if k != "n"})
+                if len(eval_sets) == 1:
+                    metrics.update({f"{prefix}_{k}": v for k, v in result.items() if k != "n"})
+        return metrics
+
+    # -- the loop ------------------------------------------------------------------------------
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # preemption: exit via finally
+    results: dict[str, Any] = {}
+    if not args.no_eval_zero_shot and step == 0 and eval_sets:  # the pretrained weights, as the official code
+        results.update(run_eval({"eval_zs": tower}))
+    trained = {"eval": tower, "eval_bma": bma.module if bma else None, "eval_ema": ema.module if ema else None}
+    with TrainProgress(total_steps, start_step=step, enabled=primary) as bar:
+        for epoch in range(start_epoch, epochs):
+            train.set_epoch(epoch)
+            torch.manual_seed(args.seed * 100_003 + epoch * 1_009 + dist_info.rank)  # data order = f(seed, epoch)
+            micro = 0
+            loss_sum = 0.0
+            for batch_index, (images, labels, *_) in enumerate(train.loader):
+                if batch_index < skip_batches:  # resuming mid-epoch: replay the stream to its position
+                    continue
+                images = images.to(device, non_blocking=True)
+                labels = labels.to(device, non_blocking=True)
+                micro += 1
+                boundary = micro % args.grad_accum == 0
+                sync = contextlib.nullcontext() if boundary or not dist_info.distributed else train_tower.no_sync()
+                with sync, torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+                    loss = criterion(train_tower(images), labels) / args.grad_accum
+                    scaler.scale(loss).backward()
+                loss_sum += loss.item()
+                if not boundary:
+                    continue
+                if args.clip_grad is not None:
+                    scaler.unscale_(optimizer)
+                    torch.nn.utils.clip_grad_norm_(params, args.clip_grad)
+                scaler.step(optimizer)
+                scaler.update()
+                optimizer.zero_grad(set_to_none=True)
+                scheduler.step()
+                step += 1
+                if bma is not None:
+                    bma.update_parameters(tower)
+                if ema is not None:
+                    ema.update_parameters(tower)
+                bar.advance(images=len(images) * args.grad_accum * dist_info.world_size, loss=loss_sum,
+                            lr=scheduler.get_last_lr()[0], skipped=train.num_skipped)
+                results["train_loss"] = loss_sum
+                if args.log_interval and (step % args.log_interval == 0 or step == total_steps):
+                    global_loss = all_reduce_mean(loss_sum, dist_info)  # a collective: every rank joins
+                    if primary:
+                        with (out_dir / "train_log.jsonl").open("a") as fh:
+                            fh.write(json.dumps({"step": step, "loss": global_loss,
+                                                 "lr": scheduler.get_last_lr()[0]}) + "\n")
+                loss_sum = 0.0
+                if args.checkpoint_interval and step % args.checkpoint_interval == 0 and step < total_steps:
+                    checkpoint(epoch, batch_index + 1)
+                if step >= total_steps:
+                    break
+            skip_batches = 0
+            metrics = run_eval(trained)
+            results.update(metrics)
+            if primary:
+                row = {"epoch": epoch, "step": step, "train_loss": results.get("train_loss", float("nan")),
+                       "lr": scheduler.get_last_lr()[0], "skipped": train.num_skipped, **metrics}
+                write_summary(out_dir / "summary.csv", row)
+                with (out_dir / "metrics.jsonl").open("a") as fh:
+                    fh.write(json.dumps(row) + "\n")
+                for name, _, _ in eval_sets:
+                    bar.log(f"epoch {epoch} {name}: " + ", ".join(
+                        f"{p} {metrics[f'{p}_{name}_top1']:.1f}" for p in trained if f"{p}_{name}_top1" in metrics))
+            checkpoint(epoch + 1, 0, metrics.get(args.eval_metric))
+            if step >= total_steps:
+                break
+    results.update(step=step, total_steps=total_steps, skipped=train.num_skipped)
+    if bma is not None and dist_info.distributed:  # every rank averages the same DDP weights: check it
+        fingerprint = sum(p.double().sum().item() for p in bma.module.parameters())
+        results["bma_fingerprint_per_rank"] = all_gather_objects(fingerprint, dist_info)
+        if primary and len(set(results["bma_fingerprint_per_rank"])) > 1:
+            print(f"warning: BMA weights differ across ranks: {results['bma_fingerprint_per_rank']}", file=sys.stderr)
+    if primary:
+        (out_dir / "results.json").write_text(json.dumps(results, indent=2))
+        print_results_table(results, [name for name, _, _ in eval_sets], out_dir)
+    cleanup(dist_info)
+    return results
+
+
+if __name__ == "__main__":
+    started = time.perf_counter()
+    main()
+    print(f"done in {time.perf_counter() - started:.0f} s", file=sys.stderr)
