@@ -174,10 +174,16 @@ def build_model(args: argparse.Namespace, device: torch.device) -> tuple[nn.Modu
         register_model_config()
     pretrained = args.pretrained
     local = pretrained is not None and Path(pretrained).is_file()
-    if args.pretrained and "openai" in str(args.pretrained) and "quickgelu" not in args.model.lower() and not local:
-        print(f"note: open_clip uses QuickGELU automatically for pretrained='openai' with {args.model}", file=sys.stderr)
+    # open_clip warns but does not fix a QuickGELU mismatch: OpenAI's weights were trained with
+    # QuickGELU, and `ViT-B-16` + `openai` would otherwise run them through plain GELU.
+    tag_cfg = open_clip.get_pretrained_cfg(args.model, pretrained) if pretrained and not local else {}
+    model_cfg = open_clip.get_model_config(args.model) or {}
+    force_quick_gelu = bool(tag_cfg.get("quick_gelu")) and not model_cfg.get("quick_gelu", False)
+    if force_quick_gelu:
+        print(f"note: {args.model} with pretrained={pretrained!r} uses QuickGELU, as those weights were trained",
+              file=sys.stderr)
     model, train_tf, eval_tf = open_clip.create_model_and_transforms(
-        args.model, pretrained=None if local else pretrained, device=device
+        args.model, pretrained=None if local else pretrained, device=device, force_quick_gelu=force_quick_gelu
     )
     if local:
         load_local_weights(model, Path(pretrained))
@@ -191,7 +197,9 @@ def build_model(args: argparse.Namespace, device: torch.device) -> tuple[nn.Modu
             print(f"warning: {name} is natively QuickGELU; use the *_clip_quickgelu_* variant "
                   "(timm#2031) or features will not match the text tower", file=sys.stderr)
         tower = timm.create_model(name, pretrained=True, num_classes=model.text_projection.shape[1]).to(device)
-        train_tf = eval_tf = timm.data.create_transform(**timm.data.resolve_data_config({}, model=tower))
+        data_cfg = timm.data.resolve_data_config({}, model=tower)
+        train_tf = timm.data.create_transform(**data_cfg, is_training=True)
+        eval_tf = timm.data.create_transform(**data_cfg)
     return model, tower, train_tf, eval_tf, tokenizer
 
 
