@@ -1,4 +1,5 @@
-"""Weight averages over a fine-tuning trajectory: Beta Moving Average (CLIPood Eq. 5–7).
+"""Weight averages over a fine-tuning trajectory: Beta Moving Average (CLIPood Eq. 5–7) and the
+exponential and uniform averages it is compared with, all through one API.
 
 BMA keeps ``θ_BMA = Σ_t α_t θ_t / Σ_t α_t`` over t = 0..T, where θ_0 is the pretrained model,
 θ_t the weights after optimizer step t, and ``α_t = BetaPDF(β, β)((t + 0.5) / (T + 1))``. With
@@ -9,6 +10,20 @@ uniform average including θ_0).
 The incremental form used by the official code, ``avg ← (avg + r·θ_t) / (1 + r)`` with
 ``r = α_t / W_{t-1}`` and ``W_t = Σ_{s≤t} α_s``, is the same as ``lerp(avg, θ_t, α_t / W_t)``, so
 one ``torch._foreach_lerp_`` per step updates the whole model at memory-bandwidth speed.
+
+Every average here is such a lerp with a per-step weight ``w_t``; the classes differ only in
+``w_t``:
+
+- :class:`BetaMovingAverage`: ``w_t = α_t / W_t`` (horizon T required).
+- :class:`UniformAverage` (SWA): ``w_t = 1 / n_t``, with ``n_t`` the number of models in the average
+  once θ_t is in, so every model counts the same. With ``include_init`` this equals BMA at β = 1.
+- :class:`ExponentialMovingAverage`: ``w_t = 1 − decay_t``; ``decay_t`` is constant, or follows the
+  warm-up schedule of timm's ``ModelEmaV3`` (see :meth:`ExponentialMovingAverage.get_decay`).
+
+They share the rest: ``update_parameters(model)`` / ``update(model, step=None)`` once per optimizer
+step, ``set(model)`` to restart, an fp32 average of a bf16/fp16 model, DDP / ``torch.compile``
+wrappers seen through, and a ``state_dict()`` that carries the hyperparameters and the step count,
+so a run resumes exactly and loading into an average built with other hyperparameters raises.
 
 Where we differ from the official code, on purpose:
 
@@ -25,7 +40,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -35,7 +50,10 @@ from clipood_plugin._wrappers import unwrap_model
 
 __all__ = [
     "DEFAULT_BETA",
+    "DEFAULT_EMA_DECAY",
     "BetaMovingAverage",
+    "ExponentialMovingAverage",
+    "UniformAverage",
     "beta_weights",
     "get_beta_multi_avg_fn",
 ]
@@ -43,6 +61,8 @@ __all__ = [
 #: β = 0.5 (paper §3.3, "by default β = 0.5"; official `--beta`). The official scripts use 0.1
 #: for the open-class setting and for in-the-wild OfficeHome (method_reference §5).
 DEFAULT_BETA = 0.5
+#: timm's ``ModelEmaV3`` default decay (its ``train.py`` flag defaults to 0.9998).
+DEFAULT_EMA_DECAY = 0.9999
 
 _FORMAT_VERSION = 1
 
@@ -132,63 +152,71 @@ def _upcast_half(tensor: Tensor) -> Tensor:
     return tensor.float() if tensor.is_floating_point() and tensor.element_size() < 4 else tensor
 
 
-class BetaMovingAverage(AveragedModel):
-    """Beta Moving Average of a model's weights over a fine-tuning run (CLIPood Eq. 5–7).
+def _check_optional_horizon(total_steps: int | None) -> None:
+    if total_steps is None:
+        return
+    if isinstance(total_steps, bool) or not isinstance(total_steps, int) or total_steps < 1:
+        raise ValueError(
+            f"total_steps must be None (no horizon) or a positive int (the number of optimizer steps), "
+            f"got {total_steps!r}"
+        )
 
-    A :class:`torch.optim.swa_utils.AveragedModel`: ``.module`` holds the averaged copy,
-    ``n_averaged`` counts the models averaged, ``forward`` runs the average, and
-    ``torch.optim.swa_utils.update_bn(loader, bma)`` works as usual. It averages any
-    ``nn.Module``, not only CLIP towers.
 
-    Args:
-        model: the model being fine-tuned, *before* its first optimizer step. DDP / DataParallel
-            (``.module``) and ``torch.compile`` (``._orig_mod``) wrappers are seen through. Pass
-            only what trains (CLIPood averages the image tower), not the whole CLIP model.
-        total_steps: T, the number of optimizer steps the run will take. It fixes the weights, so
-            it must be known up front (from epochs × steps per epoch).
-        beta: β of the symmetric Beta(β, β) weighting (0.5 default; 1 = uniform including θ_0).
-        device: where to keep the average (``"cpu"`` keeps it off the GPU, at the price of a
-            device-to-host copy per update).
-        use_buffers: average buffers too (else copy them from the model each update, as torch).
-        include_init: record the model passed here as θ_0 with weight α_0, as the paper does.
-            With False the first ``update_parameters`` call records θ_1 and θ_0 is left out.
+def _optional_int(value: Any) -> int | None:
+    return None if value is None else int(value)
 
-    Call :meth:`update_parameters` (or its timm-style alias :meth:`update`) once after every
-    optimizer step, t = 1..T. A call past T raises. Floating-point weights are averaged in at
-    least float32: a bf16/fp16 model gets an fp32 average.
 
-    ``state_dict()`` holds the averaged weights, ``n_averaged`` and, as extra state, β, T and
-    ``include_init``; loading into an average built with another β or T raises.
+class _StepAverage(AveragedModel):
+    """The update machinery every average here shares; a subclass supplies only ``w_t``.
+
+    State: the averaged copy ``.module`` (floating-point tensors in at least float32), the
+    ``n_averaged`` buffer (models folded in, θ_0 included when ``include_init``) and a host mirror
+    of it, ``_count``, so an update never waits on the device. An update with θ_t is
+    ``avg ← lerp(avg, θ_t, w_t)`` over parameters (and buffers with ``use_buffers``), in one
+    ``torch._foreach_lerp_``; buffers are otherwise copied from the model, as torch does.
+
+    Subclasses set ``_kind`` (the tag in the saved extra state), ``_label`` (their name in error
+    messages), ``_horizon_reason`` and ``_mismatch_reason`` (the second halves of those errors),
+    and implement :meth:`_lerp_weight` and :meth:`_hparams`.
     """
 
     n_averaged: Tensor
+    _kind: ClassVar[str]
+    _label: ClassVar[str]
+    _horizon_reason: ClassVar[str] = "the average was told the run has that many optimizer steps"
+    _mismatch_reason: ClassVar[str] = "Resuming with other values would silently change the average"
+    #: name → converter for each hyperparameter saved as extra state (also fixes their order).
+    _hparam_types: ClassVar[dict[str, Callable[[Any], Any]]]
 
     def __init__(
         self,
         model: nn.Module,
-        total_steps: int,
-        beta: float = DEFAULT_BETA,
-        device: int | str | torch.device | None = None,
-        use_buffers: bool = False,
-        include_init: bool = True,
+        *,
+        total_steps: int | None,
+        device: int | str | torch.device | None,
+        use_buffers: bool,
+        include_init: bool,
+        multi_avg_fn: Callable[[Sequence[Tensor], Sequence[Tensor], Tensor | int], None] | None = None,
     ) -> None:
-        _check_horizon(total_steps, beta)
         model = unwrap_model(model)
-        super().__init__(model, device=device, multi_avg_fn=get_beta_multi_avg_fn(beta, total_steps),
-                         use_buffers=use_buffers)
+        super().__init__(model, device=device, multi_avg_fn=multi_avg_fn, use_buffers=use_buffers)
         self.module._apply(_upcast_half)
         self.module.requires_grad_(False)
-        self.beta = float(beta)
         self.total_steps = total_steps
         self.include_init = include_init
-        weights = beta_weights(total_steps, beta)
-        if not include_init:
-            weights[0] = 0.0
-        self._ratios = _lerp_ratios(weights)
-        # Mirror of n_averaged kept on the host, so an update never waits on the device.
         self._count = 1 if include_init else 0
         self.n_averaged.fill_(self._count)
         self._checked_model: int | None = None
+
+    # -- what a subclass supplies --------------------------------------------------------------
+
+    def _lerp_weight(self, step: int) -> float:
+        """``w_t`` for folding in θ_t, t = ``step`` (1-based); ``self._count`` models are in so far."""
+        raise NotImplementedError
+
+    def _hparams(self) -> dict[str, Any]:
+        """The hyperparameters that fix the weights, in ``_hparam_types`` order."""
+        raise NotImplementedError
 
     # -- bookkeeping ---------------------------------------------------------------------------
 
@@ -196,17 +224,6 @@ class BetaMovingAverage(AveragedModel):
     def steps(self) -> int:
         """Optimizer steps folded in so far (0 right after construction)."""
         return self._count - 1 if self.include_init else self._count
-
-    @property
-    def weights(self) -> Tensor:
-        """The float64 α_t for t = 0..T this average uses (α_0 = 0 when ``include_init=False``)."""
-        weights = beta_weights(self.total_steps, self.beta)
-        if not self.include_init:
-            weights[0] = 0.0
-        return weights
-
-    def extra_repr(self) -> str:
-        return f"beta={self.beta}, total_steps={self.total_steps}, steps={self.steps}, include_init={self.include_init}"
 
     # -- updates -------------------------------------------------------------------------------
 
@@ -241,16 +258,14 @@ class BetaMovingAverage(AveragedModel):
         """Fold the model's current weights in as the next step θ_t (call after optimizer.step())."""
         model = unwrap_model(model)
         step = self.steps + 1
-        if step > self.total_steps:
+        if self.total_steps is not None and step > self.total_steps:
             raise RuntimeError(
-                f"BetaMovingAverage got update {step} but its horizon is total_steps={self.total_steps}; "
-                "T must equal the number of optimizer steps of the run (the Beta weights are only "
-                "defined for steps 0..T)"
+                f"{type(self).__name__} got update {step} but its horizon is total_steps={self.total_steps}; "
+                f"{self._horizon_reason}"
             )
         if self._checked_model != id(model):
             self._check_same_structure(model)
-        index = self._count if self.include_init else step
-        _lerp_into(self._tensors(self.module), self._tensors(model), self._ratios[index])
+        _lerp_into(self._tensors(self.module), self._tensors(model), self._lerp_weight(step))
         if not self.use_buffers:
             for averaged, current in zip(self.module.buffers(), model.buffers()):
                 averaged.copy_(current.to(averaged.device))
@@ -265,7 +280,7 @@ class BetaMovingAverage(AveragedModel):
         """
         if step is not None and step != self.steps + 1:
             raise ValueError(
-                f"BetaMovingAverage.update(step={step}) but the average has folded in {self.steps} "
+                f"{type(self).__name__}.update(step={step}) but the average has folded in {self.steps} "
                 f"steps, so the next is {self.steps + 1}: update once per optimizer step"
             )
         self.update_parameters(model)
@@ -283,30 +298,296 @@ class BetaMovingAverage(AveragedModel):
     # -- state ---------------------------------------------------------------------------------
 
     def get_extra_state(self) -> dict[str, Any]:
-        return {
-            "format": _FORMAT_VERSION,
-            "kind": "beta",
-            "beta": self.beta,
-            "total_steps": self.total_steps,
-            "include_init": self.include_init,
-        }
+        return {"format": _FORMAT_VERSION, "kind": self._kind, **self._hparams()}
 
     def set_extra_state(self, state: Any) -> None:
-        if not isinstance(state, dict) or state.get("kind") != "beta":
-            raise ValueError(f"not a BetaMovingAverage state (extra state {state!r})")
-        saved = (float(state["beta"]), int(state["total_steps"]), bool(state["include_init"]))
-        mine = (self.beta, self.total_steps, self.include_init)
+        if not isinstance(state, dict) or state.get("kind") != self._kind:
+            raise ValueError(f"not a {type(self).__name__} state (extra state {state!r})")
+        if int(state.get("format", _FORMAT_VERSION)) > _FORMAT_VERSION:
+            raise ValueError(
+                f"{self._label} checkpoint has extra-state format {state['format']}; this clipood_plugin "
+                f"reads format {_FORMAT_VERSION} and older"
+            )
+        missing = [name for name in self._hparam_types if name not in state]
+        if missing:
+            raise ValueError(f"{self._label} checkpoint extra state lacks {missing} (extra state {state!r})")
+        saved = {name: convert(state[name]) for name, convert in self._hparam_types.items()}
+        mine = self._hparams()
         if saved != mine:
             raise ValueError(
-                "BMA checkpoint was made with beta={}, total_steps={}, include_init={}; this average has "
-                "beta={}, total_steps={}, include_init={}. The Beta weights depend on both, so resuming "
-                "with other values would silently change the average".format(*saved, *mine)
+                f"{self._label} checkpoint was made with {_describe(saved)}; this average has {_describe(mine)}. "
+                f"{self._mismatch_reason}"
             )
 
     def load_state_dict(self, state_dict: Any, strict: bool = True, assign: bool = False) -> Any:
         result = super().load_state_dict(state_dict, strict=strict, assign=assign)
         self._count = int(self.n_averaged)
-        if self.steps > self.total_steps or self._count < 0:
+        if self._count < 0 or (self.total_steps is not None and self.steps > self.total_steps):
             raise ValueError(f"loaded n_averaged={self._count} does not fit total_steps={self.total_steps}")
         self._checked_model = None
         return result
+
+
+def _describe(hparams: dict[str, Any]) -> str:
+    return ", ".join(f"{name}={value}" for name, value in hparams.items())
+
+
+class BetaMovingAverage(_StepAverage):
+    """Beta Moving Average of a model's weights over a fine-tuning run (CLIPood Eq. 5–7).
+
+    A :class:`torch.optim.swa_utils.AveragedModel`: ``.module`` holds the averaged copy,
+    ``n_averaged`` counts the models averaged, ``forward`` runs the average, and
+    ``torch.optim.swa_utils.update_bn(loader, bma)`` works as usual. It averages any
+    ``nn.Module``, not only CLIP towers.
+
+    Args:
+        model: the model being fine-tuned, *before* its first optimizer step. DDP / DataParallel
+            (``.module``) and ``torch.compile`` (``._orig_mod``) wrappers are seen through. Pass
+            only what trains (CLIPood averages the image tower), not the whole CLIP model.
+        total_steps: T, the number of optimizer steps the run will take. It fixes the weights, so
+            it must be known up front (from epochs × steps per epoch).
+        beta: β of the symmetric Beta(β, β) weighting (0.5 default; 1 = uniform including θ_0,
+            the same average as :class:`UniformAverage` with ``include_init=True``).
+        device: where to keep the average (``"cpu"`` keeps it off the GPU, at the price of a
+            device-to-host copy per update).
+        use_buffers: average buffers too (else copy them from the model each update, as torch).
+        include_init: record the model passed here as θ_0 with weight α_0, as the paper does.
+            With False the first ``update_parameters`` call records θ_1 and θ_0 is left out.
+
+    Call :meth:`update_parameters` (or its timm-style alias :meth:`update`) once after every
+    optimizer step, t = 1..T. A call past T raises. Floating-point weights are averaged in at
+    least float32: a bf16/fp16 model gets an fp32 average.
+
+    ``state_dict()`` holds the averaged weights, ``n_averaged`` and, as extra state, β, T and
+    ``include_init``; loading into an average built with another β or T raises.
+    """
+
+    _kind = "beta"
+    _label = "BMA"
+    _horizon_reason = (
+        "T must equal the number of optimizer steps of the run (the Beta weights are only "
+        "defined for steps 0..T)"
+    )
+    _mismatch_reason = (
+        "The Beta weights depend on both, so resuming with other values would silently change the average"
+    )
+    _hparam_types: ClassVar[dict[str, Callable[[Any], Any]]] = {
+        "beta": float,
+        "total_steps": int,
+        "include_init": bool,
+    }
+    total_steps: int
+
+    def __init__(
+        self,
+        model: nn.Module,
+        total_steps: int,
+        beta: float = DEFAULT_BETA,
+        device: int | str | torch.device | None = None,
+        use_buffers: bool = False,
+        include_init: bool = True,
+    ) -> None:
+        _check_horizon(total_steps, beta)
+        super().__init__(
+            model,
+            total_steps=total_steps,
+            device=device,
+            use_buffers=use_buffers,
+            include_init=include_init,
+            multi_avg_fn=get_beta_multi_avg_fn(beta, total_steps),
+        )
+        self.beta = float(beta)
+        self._ratios = _lerp_ratios(self.weights)
+
+    @property
+    def weights(self) -> Tensor:
+        """The float64 α_t for t = 0..T this average uses (α_0 = 0 when ``include_init=False``)."""
+        weights = beta_weights(self.total_steps, self.beta)
+        if not self.include_init:
+            weights[0] = 0.0
+        return weights
+
+    def extra_repr(self) -> str:
+        return f"beta={self.beta}, total_steps={self.total_steps}, steps={self.steps}, include_init={self.include_init}"
+
+    def _lerp_weight(self, step: int) -> float:
+        # α_t / W_t; with include_init=False α_0 = 0, so step 1 gets 1 (a copy)
+        return self._ratios[step]
+
+    def _hparams(self) -> dict[str, Any]:
+        return {"beta": self.beta, "total_steps": self.total_steps, "include_init": self.include_init}
+
+
+class UniformAverage(_StepAverage):
+    """Equal-weight average of the weights over a run: SWA's running mean, θ_0 optionally included.
+
+    ``θ_avg = (1/n) Σ θ_t`` over the models folded in, updated as ``lerp(avg, θ_t, 1/n_t)`` where
+    ``n_t`` counts the models in the average once θ_t is in. With ``include_init=True`` (default)
+    the model passed here is θ_0 and counts like every later step, so after T steps this is the
+    same average as ``BetaMovingAverage(beta=1)`` (whose Beta(1, 1) weights are all equal), without
+    having to know T. With ``include_init=False`` it is the mean of θ_1..θ_T, which is what
+    ``AveragedModel``'s default rule gives when updated after each step.
+
+    Args:
+        model: the model being fine-tuned, before its first optimizer step (wrappers seen
+            through, as :class:`BetaMovingAverage`).
+        total_steps: optional horizon; when given, an update past it raises (a guard for loops
+            that must not overrun a planned run). ``None``: no horizon.
+        device, use_buffers, include_init: as :class:`BetaMovingAverage`.
+
+    Same conveniences as :class:`BetaMovingAverage`: ``update(model, step=None)``, ``set(model)``,
+    an fp32 average for half-precision models, and a resumable ``state_dict()`` (``total_steps``
+    and ``include_init`` saved as extra state and checked on load).
+    """
+
+    _kind = "uniform"
+    _label = "UniformAverage"
+    _mismatch_reason = "Resuming with other values would silently change which models the mean counts"
+    _hparam_types: ClassVar[dict[str, Callable[[Any], Any]]] = {
+        "total_steps": _optional_int,
+        "include_init": bool,
+    }
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        total_steps: int | None = None,
+        device: int | str | torch.device | None = None,
+        use_buffers: bool = False,
+        include_init: bool = True,
+    ) -> None:
+        _check_optional_horizon(total_steps)
+        super().__init__(
+            model, total_steps=total_steps, device=device, use_buffers=use_buffers, include_init=include_init
+        )
+
+    def extra_repr(self) -> str:
+        return f"total_steps={self.total_steps}, steps={self.steps}, include_init={self.include_init}"
+
+    def _lerp_weight(self, step: int) -> float:
+        return 1.0 / (self._count + 1)
+
+    def _hparams(self) -> dict[str, Any]:
+        return {"total_steps": self.total_steps, "include_init": self.include_init}
+
+
+class ExponentialMovingAverage(_StepAverage):
+    """Exponential moving average of the weights, with timm ``ModelEmaV3``'s optional decay warm-up.
+
+    Each update folds θ_t in as ``avg ← decay_t · avg + (1 − decay_t) · θ_t``. Without warm-up
+    ``decay_t = decay``. With ``warmup=True`` the decay grows with the number ``n`` of models already
+    in the average::
+
+        decay_t = 1 − (1 + n / warmup_gamma) ** (−warmup_power),   clamped to [min_decay, decay]
+
+    so early steps move the average fast and the decay approaches ``decay`` later (with the default
+    power 2/3 it reaches 0.999 after about 31.6k steps; 3/4 gets there after about 10k). This is
+    the schedule of timm's ``ModelEmaV3`` and diffusers' ``EMAModel``.
+
+    ``n`` is counted the way the models actually are: with ``include_init=True`` (default) θ_0 is
+    in the average from the start, so the update at step t uses ``n = t``. With
+    ``include_init=False`` the first update copies θ_1 (there is nothing to average with) and step
+    t uses ``n = t − 1``; the decays are then exactly those of ``ModelEmaV3.update(model,
+    step=t)``, which also starts by copying.
+
+    Args:
+        model: the model being fine-tuned, before its first optimizer step (wrappers seen
+            through, as :class:`BetaMovingAverage`).
+        decay: the (final) decay, in [0, 1]. Default 0.9999, timm's.
+        warmup: use the warm-up schedule above.
+        warmup_gamma, warmup_power: γ > 0 and p > 0 of the schedule.
+        min_decay: lower clamp of the warm-up decay, in [0, decay].
+        total_steps: optional horizon (an update past it raises); ``None`` (default): none.
+        device, use_buffers, include_init: as :class:`BetaMovingAverage`.
+
+    Same conveniences as :class:`BetaMovingAverage`: ``update(model, step=None)`` (``step`` is
+    checked against the average's own count, not used to look the decay up, so a resumed average
+    continues its schedule where it stopped), ``set(model)``, an fp32 average for half-precision
+    models, and a resumable ``state_dict()`` with the hyperparameters as extra state.
+    """
+
+    _kind = "ema"
+    _label = "EMA"
+    _mismatch_reason = "The decays depend on them, so resuming with other values would silently change the average"
+    _hparam_types: ClassVar[dict[str, Callable[[Any], Any]]] = {
+        "decay": float,
+        "warmup": bool,
+        "warmup_gamma": float,
+        "warmup_power": float,
+        "min_decay": float,
+        "total_steps": _optional_int,
+        "include_init": bool,
+    }
+
+    def __init__(
+        self,
+        model: nn.Module,
+        decay: float = DEFAULT_EMA_DECAY,
+        *,
+        warmup: bool = False,
+        warmup_gamma: float = 1.0,
+        warmup_power: float = 2 / 3,
+        min_decay: float = 0.0,
+        total_steps: int | None = None,
+        device: int | str | torch.device | None = None,
+        use_buffers: bool = False,
+        include_init: bool = True,
+    ) -> None:
+        for name, value in (("decay", decay), ("min_decay", min_decay)):
+            if not (_is_real(value) and 0.0 <= value <= 1.0):
+                raise ValueError(f"{name} must be a number in [0, 1], got {value!r}")
+        if min_decay > decay:
+            raise ValueError(f"min_decay={min_decay} is larger than decay={decay}; it must be in [0, decay]")
+        for name, value in (("warmup_gamma", warmup_gamma), ("warmup_power", warmup_power)):
+            if not (_is_real(value) and math.isfinite(value) and value > 0):
+                raise ValueError(f"{name} must be a positive finite number, got {value!r}")
+        if not isinstance(warmup, bool):
+            raise TypeError(f"warmup must be a bool, got {type(warmup).__name__}")
+        _check_optional_horizon(total_steps)
+        super().__init__(
+            model, total_steps=total_steps, device=device, use_buffers=use_buffers, include_init=include_init
+        )
+        self.decay = float(decay)
+        self.warmup = warmup
+        self.warmup_gamma = float(warmup_gamma)
+        self.warmup_power = float(warmup_power)
+        self.min_decay = float(min_decay)
+
+    def get_decay(self, step: int) -> float:
+        """The decay ``decay_t`` the update at optimizer step ``step`` (1-based) uses; 0 means a copy."""
+        if isinstance(step, bool) or not isinstance(step, int) or step < 1:
+            raise ValueError(f"step must be a positive int (1 = the first optimizer step), got {step!r}")
+        already_in = step if self.include_init else step - 1
+        if already_in <= 0:
+            return 0.0
+        if not self.warmup:
+            return self.decay
+        decay = 1.0 - (1.0 + already_in / self.warmup_gamma) ** (-self.warmup_power)
+        return max(self.min_decay, min(decay, self.decay))
+
+    def extra_repr(self) -> str:
+        warm = (
+            f", warmup_gamma={self.warmup_gamma}, warmup_power={self.warmup_power:.4g}, min_decay={self.min_decay}"
+            if self.warmup
+            else ""
+        )
+        return f"decay={self.decay}, warmup={self.warmup}{warm}, steps={self.steps}, include_init={self.include_init}"
+
+    def _lerp_weight(self, step: int) -> float:
+        return 1.0 - self.get_decay(step)
+
+    def _hparams(self) -> dict[str, Any]:
+        return {
+            "decay": self.decay,
+            "warmup": self.warmup,
+            "warmup_gamma": self.warmup_gamma,
+            "warmup_power": self.warmup_power,
+            "min_decay": self.min_decay,
+            "total_steps": self.total_steps,
+            "include_init": self.include_init,
+        }
+
+
+def _is_real(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and not math.isnan(value)
