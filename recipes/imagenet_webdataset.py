@@ -29,7 +29,6 @@ from typing import Any
 os.environ.setdefault("HF_HUB_OFFLINE", os.environ.get("HF_HUB_OFFLINE", "0"))
 
 import torch
-import torch.nn.functional as F
 import yaml
 from torch import nn
 
@@ -90,8 +89,15 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--torchcompile", action="store_true", help="torch.compile the image tower")
 
     g = p.add_argument_group("method")
-    g.add_argument("--loss", choices=["mms", "ce"], default="mms",
-                   help="mms: Margin Metric Softmax (paper Eq. 3-4); ce: cross-entropy on the frozen text head")
+    g.add_argument("--loss", choices=["mms", "ce", "carft"], default="mms",
+                   help="mms: Margin Metric Softmax (paper Eq. 3-4); ce: cross-entropy on the frozen text head; "
+                        "carft: --carft-base plus CAR-FT's context KL to the pretrained tower")
+    g.add_argument("--carft-weight", type=float, default=1.0, help="CAR-FT: weight of the context KL (λ_ctx)")
+    g.add_argument("--carft-templates", default="openai_imagenet", help="CAR-FT: the context templates (a preset)")
+    g.add_argument("--carft-base", choices=["ce", "mms"], default="ce",
+                   help="CAR-FT: the classification loss it regularises")
+    g.add_argument("--wise-alpha", type=float, default=None,
+                   help="also evaluate WiSE-FT: (1-α)·zero-shot + α·fine-tuned weights (eval_wise_*)")
     g.add_argument("--mms-lambda", type=float, default=0.3, help="MMS margin strength λ")
     g.add_argument("--mms-scale", type=float, default=None, help="logit scale s (default: the model's exp(logit_scale))")
     g.add_argument("--bma-beta", type=float, default=0.5, help="β of the Beta moving average (paper Eq. 6)")
@@ -269,6 +275,38 @@ def parse_subsets(args: argparse.Namespace, classnames_by_set: dict[str, list[st
     return subsets
 
 
+def build_loss(args: argparse.Namespace, model: nn.Module, tower: nn.Module, tokenizer: Any, classnames: list[str],
+               head: TextHead, device: torch.device, primary: bool) -> Any:
+    """``loss_fn(tower, images, labels)`` for --loss mms | ce | carft (built before any step)."""
+    if args.loss == "mms" or (args.loss == "carft" and args.carft_base == "mms"):
+        classify: nn.Module = MMSLoss(head, lam=args.mms_lambda, scale=args.mms_scale)
+    else:
+        from clipood_plugin.carft import HeadCrossEntropy
+
+        classify = HeadCrossEntropy(head)
+    if args.loss != "carft":
+        return lambda net, images, labels: classify(net(images), labels)
+    from clipood_plugin.carft import CARFTLoss, ContextBank
+
+    bank = ContextBank.from_open_clip(model, tokenizer, classnames, templates=args.carft_templates,
+                                      device=device, progress=primary).to(device)
+    # the frozen copy of the *pretrained* tower: taken here, before any step or resume
+    carft = CARFTLoss(classify, bank, weight=args.carft_weight, pretrained_tower=tower)
+    return lambda net, images, labels: carft(net(images), labels, images=images)
+
+
+def wise_tower(tower: nn.Module, zero_shot_state: dict[str, torch.Tensor], alpha: float) -> nn.Module:
+    """A copy of the tower with WiSE-FT weights (1-α)·θ_zs + α·θ_ft, for evaluation."""
+    import copy
+
+    from clipood_plugin import interpolate_weights
+
+    finetuned = {k: v.detach().cpu() for k, v in tower.state_dict().items()}
+    mixed = copy.deepcopy(tower)
+    mixed.load_state_dict(interpolate_weights(zero_shot_state, finetuned, alpha))
+    return mixed
+
+
 def write_summary(path: Path, row: dict[str, Any]) -> None:
     new = not path.exists()
     with path.open("a", newline="") as fh:
@@ -283,7 +321,8 @@ def print_results_table(results: dict[str, Any], eval_names: list[str], out_dir:
     from rich.console import Console
     from rich.table import Table
 
-    columns = [("eval_zs", "zero-shot"), ("eval", "fine-tuned"), ("eval_bma", "BMA (CLIPood)"), ("eval_ema", "EMA")]
+    columns = [("eval_zs", "zero-shot"), ("eval", "fine-tuned"), ("eval_bma", "BMA (CLIPood)"), ("eval_ema", "EMA"),
+               ("eval_wise", "WiSE-FT")]
     columns = [(p, title) for p, title in columns if any(f"{p}_{n}_top1" in results for n in eval_names)]
     table = Table(title=f"top-1 accuracy (%), {out_dir}")
     table.add_column("eval set")
@@ -322,14 +361,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     templates = get_templates(args.template)
     head = TextHead.from_open_clip(model, tokenizer, classnames, templates, device=device,
                                    cache_dir=args.cache_dir, progress=primary).to(device)
-    if args.loss == "mms":
-        criterion: nn.Module = MMSLoss(head, lam=args.mms_lambda, scale=args.mms_scale)
-    else:
-        scale = args.mms_scale
-
-        def criterion(features: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-            logits = head(features) if scale is None else scale / head.scale * head(features)
-            return F.cross_entropy(logits, target)
+    loss_fn = build_loss(args, model, tower, tokenizer, classnames, head, device, primary)
+    zero_shot_state = {k: v.detach().to("cpu", copy=True) for k, v in tower.state_dict().items()} \
+        if args.wise_alpha is not None else None
 
     # -- data: every rank takes the same number of steps ------------------------------------
     train = make_train_loader(
@@ -444,7 +478,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 boundary = micro % args.grad_accum == 0
                 sync = contextlib.nullcontext() if boundary or not dist_info.distributed else train_tower.no_sync()
                 with sync, torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-                    loss = criterion(train_tower(images), labels) / args.grad_accum
+                    loss = loss_fn(train_tower, images, labels) / args.grad_accum
                     scaler.scale(loss).backward()
                 loss_sum += loss.item()
                 if not boundary:
@@ -477,6 +511,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     break
             skip_batches = 0
             metrics = run_eval(trained)
+            if zero_shot_state is not None and primary:
+                metrics.update(run_eval({"eval_wise": wise_tower(tower, zero_shot_state, args.wise_alpha)}))
             results.update(metrics)
             if primary:
                 row = {"epoch": epoch, "step": step, "train_loss": results.get("train_loss", float("nan")),
@@ -486,7 +522,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     fh.write(json.dumps(row) + "\n")
                 for name, _, _ in eval_sets:
                     bar.log(f"epoch {epoch} {name}: " + ", ".join(
-                        f"{p} {metrics[f'{p}_{name}_top1']:.1f}" for p in trained if f"{p}_{name}_top1" in metrics))
+                        f"{p} {metrics[f'{p}_{name}_top1']:.1f}" for p in [*trained, "eval_wise"]
+                        if f"{p}_{name}_top1" in metrics))
             checkpoint(epoch + 1, 0, metrics.get(args.eval_metric))
             if step >= total_steps:
                 break
