@@ -67,11 +67,26 @@ DEFAULT_EMA_DECAY = 0.9999
 _FORMAT_VERSION = 1
 
 
-def _check_horizon(total_steps: int, beta: float) -> None:
-    if isinstance(total_steps, bool) or not isinstance(total_steps, int) or total_steps < 1:
-        raise ValueError(f"total_steps must be a positive int (the number of optimizer steps), got {total_steps!r}")
-    if not (isinstance(beta, (int, float)) and math.isfinite(beta) and beta > 0):
+def check_beta(beta: float) -> float:
+    """Validate β of a Beta(β, β) weighting; returns it as a float (shared with the integrations)."""
+    if isinstance(beta, bool) or not (isinstance(beta, (int, float)) and math.isfinite(beta) and beta > 0):
         raise ValueError(f"beta must be a positive finite number, got {beta!r}")
+    return float(beta)
+
+
+def check_total_steps(total_steps: int | None, *, optional: bool = False) -> int | None:
+    """Validate a horizon T (optimizer steps); ``None`` is allowed only when ``optional``."""
+    if total_steps is None and optional:
+        return None
+    if isinstance(total_steps, bool) or not isinstance(total_steps, int) or total_steps < 1:
+        allowed = "None (no horizon) or a positive int" if optional else "a positive int"
+        raise ValueError(f"total_steps must be {allowed} (the number of optimizer steps), got {total_steps!r}")
+    return total_steps
+
+
+def _check_horizon(total_steps: int, beta: float) -> None:
+    check_total_steps(total_steps)
+    check_beta(beta)
 
 
 def beta_weights(total_steps: int, beta: float = DEFAULT_BETA) -> Tensor:
@@ -153,13 +168,7 @@ def _upcast_half(tensor: Tensor) -> Tensor:
 
 
 def _check_optional_horizon(total_steps: int | None) -> None:
-    if total_steps is None:
-        return
-    if isinstance(total_steps, bool) or not isinstance(total_steps, int) or total_steps < 1:
-        raise ValueError(
-            f"total_steps must be None (no horizon) or a positive int (the number of optimizer steps), "
-            f"got {total_steps!r}"
-        )
+    check_total_steps(total_steps, optional=True)
 
 
 def _optional_int(value: Any) -> int | None:

@@ -34,10 +34,9 @@ OfficeHome 85.7, TerraIncognita 61.9, DomainNet 62.5), against CLIPood's 78.6 (m
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import math
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Literal
 
 import torch
@@ -46,7 +45,7 @@ from torch import Tensor, nn
 
 from clipood_plugin._wrappers import unwrap_model
 from clipood_plugin.templates import Template, clean_classname, get_templates, template_text
-from clipood_plugin.text_head import TextHead, encode_prompts
+from clipood_plugin.text_head import TextHead, _check_scale, encode_prompts, normalize_rows, scaled_cosine
 
 __all__ = [
     "DEFAULT_CARFT_WEIGHT",
@@ -98,31 +97,13 @@ class ContextBank(nn.Module):
         templates: Sequence[Template] | None = None,
     ) -> None:
         super().__init__()
-        if not isinstance(directions, Tensor):
-            raise TypeError(f"directions must be a torch.Tensor [M, D], got {type(directions).__name__}")
-        if directions.dim() != 2 or directions.shape[1] == 0:
-            raise ValueError(f"directions must be a 2-D [M, D] tensor, got shape {tuple(directions.shape)}")
-        if directions.shape[0] < 2:
+        if isinstance(directions, Tensor) and directions.dim() == 2 and directions.shape[0] == 1:
             raise ValueError(
                 f"a context bank needs at least 2 contexts (got {directions.shape[0]}): the distribution "
                 "over a single context is always 1 and its KL always 0"
             )
-        if not directions.is_floating_point():
-            raise TypeError(f"directions must be a floating-point tensor, got dtype {directions.dtype}")
-        d = directions.detach()
-        finite = torch.isfinite(d).all(dim=1)
-        if not bool(finite.all()):
-            raise ValueError(
-                f"directions have non-finite (NaN/Inf) values in rows {torch.nonzero(~finite).flatten().tolist()}"
-            )
-        d = d.to(torch.float32 if d.device.type == "mps" else torch.float64)
-        norms = d.norm(dim=1, keepdim=True)
-        if bool((norms == 0).any()):
-            rows = torch.nonzero(norms.flatten() == 0).flatten().tolist()
-            raise ValueError(
-                f"directions have zero-norm rows {rows}; a context direction cannot be normalised"
-            )
-        self.register_buffer("directions", (d / norms).to(torch.float32))
+        self.register_buffer("directions", normalize_rows(directions, "directions", "a context direction", "[M, D]"))
+        d = self.directions
         self.register_buffer("scale", torch.tensor(_check_scale(scale), dtype=torch.float32, device=d.device))
         self.templates: tuple[str, ...] | None = None
         if templates is not None:
@@ -148,18 +129,8 @@ class ContextBank(nn.Module):
         Computed in float32 (float64 for float64 input) with autocast off: at s ≈ 100 the logits
         are differences of near-equal cosines. ``scale`` overrides the bank's s.
         """
-        if image_features.dim() == 0 or image_features.shape[-1] != self.embed_dim:
-            got = image_features.shape[-1] if image_features.dim() else "none (0-dim input)"
-            raise ValueError(
-                f"image feature dimension {got} does not match the context bank's embedding dimension "
-                f"{self.embed_dim} (input shape {tuple(image_features.shape)})"
-            )
-        dtype = torch.float64 if image_features.dtype == torch.float64 else torch.float32
-        with _autocast_off(image_features.device.type):
-            feats = F.normalize(image_features.to(dtype), dim=-1)
-            logits = feats @ self.directions.to(dtype).t()
-            s = self.scale.to(dtype) if scale is None else scale
-            return logits * s
+        return scaled_cosine(image_features, self.directions, self.scale if scale is None else scale,
+                             "the context bank's")
 
     def log_distribution(self, image_features: Tensor, scale: float | None = None) -> Tensor:
         """``log P_ctx``: log-softmax of the context logits over the M contexts."""
@@ -494,23 +465,3 @@ class CARFTLoss(nn.Module):
             shape = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
             raise TypeError(f"classification_loss must return a scalar tensor, got {shape}")
         return out
-
-
-def _check_scale(scale: float | Tensor) -> float:
-    value = float(scale.detach().item() if isinstance(scale, Tensor) else scale)
-    if not (value > 0 and math.isfinite(value)):
-        raise ValueError(f"scale must be a positive finite number, got {value}")
-    return value
-
-
-@contextlib.contextmanager
-def _autocast_off(device_type: str) -> Iterator[None]:
-    try:
-        enabled = torch.is_autocast_enabled(device_type)
-    except TypeError:  # torch < 2.4 has no device_type argument
-        enabled = torch.is_autocast_cpu_enabled() if device_type == "cpu" else torch.is_autocast_enabled()
-    if not enabled:
-        yield
-        return
-    with torch.autocast(device_type=device_type, enabled=False):
-        yield

@@ -30,6 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from clipood_plugin._precision import autocast_off, compute_dtype
+
 __all__ = ["DEFAULT_LAMBDA", "DEFAULT_SCALE", "MMSLoss"]
 
 #: λ = 0.3 for every dataset (paper §4, "the same λ = 0.3 for all datasets"; official `--lam`).
@@ -170,12 +172,7 @@ class MMSLoss(nn.Module):
             target = target.long()
             if self.check_inputs:
                 self._check_labels(target)
-        if _autocast_enabled(image_features.device.type):
-            # Autocast would run the projection in bf16/fp16; the margin is a small difference of
-            # near-equal logits at scale ~100, so the whole loss stays in fp32.
-            with torch.autocast(device_type=image_features.device.type, enabled=False):
-                loss = self._loss(image_features, target, soft)
-        else:
+        with autocast_off(image_features.device.type):  # the margin is a small shift of ~100-scale logits
             loss = self._loss(image_features, target, soft)
         if self.check_inputs and not _all_finite(loss):
             self._diagnose_non_finite(image_features, target)
@@ -184,7 +181,7 @@ class MMSLoss(nn.Module):
         return loss
 
     def _loss(self, image_features: Tensor, target: Tensor, soft: bool) -> Tensor:
-        dtype = torch.promote_types(image_features.dtype, torch.float32)
+        dtype = compute_dtype(image_features.dtype)
         text = self.text_features.to(dtype)
         lam_text = self._lam_text.to(dtype)
         # Official order (engine.py): f̂ = f/‖f‖; f̂ -= λ·T[y]; z = f̂ @ Tᵀ; z = s·z
@@ -261,12 +258,3 @@ def _all_finite(loss: Tensor) -> bool:
     if loss.dim() == 0:
         return math.isfinite(loss.item())  # cheaper than an isfinite kernel for a scalar
     return bool(torch.isfinite(loss).all())
-
-
-def _autocast_enabled(device_type: str) -> bool:
-    try:
-        return torch.is_autocast_enabled(device_type)
-    except TypeError:  # torch < 2.4 has no device_type argument
-        if device_type == "cpu":
-            return torch.is_autocast_cpu_enabled()
-        return torch.is_autocast_enabled()

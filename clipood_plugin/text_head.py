@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from clipood_plugin._io import atomic_path
+from clipood_plugin._precision import autocast_off, compute_dtype
 from clipood_plugin._wrappers import unwrap_model
 from clipood_plugin.templates import (
     DEFAULT_TEMPLATE,
@@ -122,6 +123,48 @@ def encode_prompts(
     return torch.cat(out, dim=0)
 
 
+def normalize_rows(rows: Tensor, name: str, row_meaning: str, shape: str = "[N, D]") -> Tensor:
+    """Validate a ``[N, D]`` float tensor and return its rows L2-normalised, stored in float32.
+
+    Normalised in float64 (float32 on MPS, which has none) so the stored rows are the correctly
+    rounded unit vectors. Shared by :class:`TextHead` and the CAR-FT context bank.
+    """
+    if not isinstance(rows, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor {shape}, got {type(rows).__name__}")
+    if rows.dim() != 2 or rows.shape[0] == 0 or rows.shape[1] == 0:
+        raise ValueError(f"{name} must be a non-empty 2-D {shape} tensor, got shape {tuple(rows.shape)}")
+    if not rows.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got dtype {rows.dtype}")
+    r = rows.detach()
+    finite = torch.isfinite(r).all(dim=1)
+    if not bool(finite.all()):
+        raise ValueError(f"{name} has non-finite (NaN/Inf) values in rows {torch.nonzero(~finite).flatten().tolist()}")
+    r = r.to(torch.float32 if r.device.type == "mps" else torch.float64)
+    norms = r.norm(dim=1, keepdim=True)
+    if bool((norms == 0).any()):
+        bad = torch.nonzero(norms.flatten() == 0).flatten().tolist()
+        raise ValueError(f"{name} has zero-norm rows {bad}; {row_meaning} cannot be normalised")
+    return (r / norms).to(torch.float32)
+
+
+def scaled_cosine(features: Tensor, rows: Tensor, scale: Tensor | float, owner: str) -> Tensor:
+    """``s · cos(f, rows)``: ``[..., N]`` logits for features ``[..., D]`` (need not be normalised).
+
+    Computed in float32 (float64 for float64 input) with autocast off: logits at scale ~100 are
+    differences of near-equal cosines, which bf16/fp16 would blur.
+    """
+    if features.dim() == 0 or features.shape[-1] != rows.shape[1]:
+        got = features.shape[-1] if features.dim() else "none (0-dim input)"
+        raise ValueError(
+            f"image feature dimension {got} does not match {owner} embedding dimension "
+            f"{rows.shape[1]} (input shape {tuple(features.shape)})"
+        )
+    dtype = compute_dtype(features.dtype)
+    with autocast_off(features.device.type):
+        logits = F.normalize(features.to(dtype), dim=-1) @ rows.to(dtype).t()
+        return logits * (scale.to(dtype) if isinstance(scale, Tensor) else scale)
+
+
 class TextHead(nn.Module):
     """A frozen zero-shot classifier: scaled cosine similarity to fixed class text embeddings.
 
@@ -154,24 +197,8 @@ class TextHead(nn.Module):
         templates: Sequence[Template] | None = None,
     ) -> None:
         super().__init__()
-        if not isinstance(weight, Tensor):
-            raise TypeError(f"weight must be a torch.Tensor [C, D], got {type(weight).__name__}")
-        if weight.dim() != 2 or weight.shape[0] == 0 or weight.shape[1] == 0:
-            raise ValueError(f"weight must be a non-empty 2-D [C, D] tensor, got shape {tuple(weight.shape)}")
-        if not weight.is_floating_point():
-            raise TypeError(f"weight must be a floating-point tensor, got dtype {weight.dtype}")
-        w = weight.detach()
-        finite = torch.isfinite(w).all(dim=1)
-        if not bool(finite.all()):
-            rows = torch.nonzero(~finite).flatten().tolist()
-            raise ValueError(f"weight has non-finite (NaN/Inf) values in rows {rows}")
-        work = torch.float32 if w.device.type == "mps" else torch.float64  # mps has no float64
-        w = w.to(work)
-        norms = w.norm(dim=1, keepdim=True)
-        if bool((norms == 0).any()):
-            rows = torch.nonzero(norms.flatten() == 0).flatten().tolist()
-            raise ValueError(f"weight has zero-norm rows {rows}; a class embedding cannot be normalised")
-        self.register_buffer("weight", (w / norms).to(torch.float32))
+        self.register_buffer("weight", normalize_rows(weight, "weight", "a class embedding", "[C, D]"))
+        w = self.weight
         self.register_buffer("scale", torch.tensor(_check_scale(scale), dtype=torch.float32, device=w.device))
         self.classnames: tuple[str, ...] | None = None
         if classnames is not None:
@@ -197,17 +224,7 @@ class TextHead(nn.Module):
         Computed in float32 (float64 for float64 input) with autocast off: logits at scale ~100 are
         differences of near-equal cosines, which bf16/fp16 would blur.
         """
-        if image_features.dim() == 0 or image_features.shape[-1] != self.embed_dim:
-            got = image_features.shape[-1] if image_features.dim() else "none (0-dim input)"
-            raise ValueError(
-                f"image feature dimension {got} does not match the TextHead embedding dimension "
-                f"{self.embed_dim} (input shape {tuple(image_features.shape)})"
-            )
-        dtype = torch.float64 if image_features.dtype == torch.float64 else torch.float32
-        with _autocast_off(image_features.device.type):
-            feats = F.normalize(image_features.to(dtype), dim=-1)
-            logits = feats @ self.weight.to(dtype).t()
-            return logits * self.scale.to(dtype)
+        return scaled_cosine(image_features, self.weight, self.scale, "the TextHead")
 
     def subset(self, indices: Sequence[int] | Tensor) -> TextHead:
         """A new head with only the rows (and class names) at ``indices``, in that order.
@@ -450,13 +467,6 @@ def _module_device(module: nn.Module) -> torch.device:
     for tensor in module.buffers():
         return tensor.device
     return torch.device("cpu")
-
-
-def _autocast_off(device_type: str) -> contextlib.AbstractContextManager[Any]:
-    is_available = getattr(torch.amp, "is_autocast_available", None)  # torch >= 2.4
-    if is_available is not None and not is_available(device_type):
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device_type, enabled=False)
 
 
 @contextlib.contextmanager

@@ -29,7 +29,6 @@ ZeRO-3) are not supported: each process would average only its shard.
 from __future__ import annotations
 
 import json
-import math
 import os
 import warnings
 from pathlib import Path
@@ -40,7 +39,7 @@ from torch import Tensor, nn
 
 from clipood_plugin._io import atomic_path
 from clipood_plugin._wrappers import unwrap_model
-from clipood_plugin.averaging import DEFAULT_BETA, BetaMovingAverage
+from clipood_plugin.averaging import DEFAULT_BETA, BetaMovingAverage, check_beta, check_total_steps
 
 try:
     from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
@@ -98,14 +97,8 @@ class BMACallback(TrainerCallback):
         resume_from: str | os.PathLike[str] | None = None,
         copy_to_model_at_end: bool = False,
     ) -> None:
-        if total_steps is not None and (
-            isinstance(total_steps, bool) or not isinstance(total_steps, int) or total_steps < 1
-        ):
-            raise ValueError(f"total_steps must be a positive int (optimizer steps of the run), got {total_steps!r}")
-        if not (isinstance(beta, (int, float)) and math.isfinite(beta) and beta > 0):
-            raise ValueError(f"beta must be a positive finite number, got {beta!r}")
-        self.beta = float(beta)
-        self.total_steps = total_steps
+        self.beta = check_beta(beta)
+        self.total_steps = check_total_steps(total_steps, optional=True)
         self.module_name = module_name
         self.device = device
         self.use_buffers = use_buffers

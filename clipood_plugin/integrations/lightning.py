@@ -36,7 +36,7 @@ from typing import Any
 
 import torch
 
-from clipood_plugin.averaging import DEFAULT_BETA, BetaMovingAverage
+from clipood_plugin.averaging import DEFAULT_BETA, BetaMovingAverage, check_beta, check_total_steps
 
 try:
     import lightning.pytorch as pl
@@ -73,14 +73,8 @@ class BetaWeightAveraging(WeightAveraging):
         include_init: bool = True,
     ) -> None:
         super().__init__(device=device, use_buffers=use_buffers)
-        if total_steps is not None and (
-            isinstance(total_steps, bool) or not isinstance(total_steps, int) or total_steps < 1
-        ):
-            raise ValueError(f"total_steps must be a positive int (optimizer steps of the run), got {total_steps!r}")
-        if not (isinstance(beta, (int, float)) and math.isfinite(beta) and beta > 0):
-            raise ValueError(f"beta must be a positive finite number, got {beta!r}")
-        self.beta = float(beta)
-        self.total_steps = total_steps
+        self.beta = check_beta(beta)
+        self.total_steps = check_total_steps(total_steps, optional=True)
         self.include_init = include_init
         self._restored = False
 
