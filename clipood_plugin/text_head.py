@@ -195,6 +195,8 @@ class TextHead(nn.Module):
         scale: float | Tensor = 100.0,
         classnames: Sequence[str] | None = None,
         templates: Sequence[Template] | None = None,
+        *,
+        allow_duplicates: bool = False,
     ) -> None:
         super().__init__()
         self.register_buffer("weight", normalize_rows(weight, "weight", "a class embedding", "[C, D]"))
@@ -202,7 +204,7 @@ class TextHead(nn.Module):
         self.register_buffer("scale", torch.tensor(_check_scale(scale), dtype=torch.float32, device=w.device))
         self.classnames: tuple[str, ...] | None = None
         if classnames is not None:
-            self.classnames = _check_head_classnames(classnames, weight.shape[0])
+            self.classnames = _check_head_classnames(classnames, weight.shape[0], allow_duplicates)
         self.templates: tuple[str, ...] | None = None
         if templates is not None:
             self.templates = _canonical_templates(templates)
@@ -248,7 +250,7 @@ class TextHead(nn.Module):
             raise ValueError(f"subset indices contain duplicates: {values[counts > 1].tolist()}")
         weight = self.weight.index_select(0, idx.to(self.weight.device))
         names = None if self.classnames is None else tuple(self.classnames[i] for i in idx.tolist())
-        return type(self)._from_normalized(weight, self.scale, names, self.templates)
+        return type(self)._from_normalized(weight, self.scale, names, self.templates, allow_duplicates=True)
 
     def as_open_clip(self) -> Tensor:
         """The class embeddings as ``[D, C]`` (a copy), the orientation open_clip's zero-shot code uses."""
@@ -266,6 +268,7 @@ class TextHead(nn.Module):
         device: str | torch.device | None = None,
         cache_dir: str | os.PathLike[str] | None = None,
         progress: bool | None = None,
+        allow_duplicates: bool = False,
     ) -> TextHead:
         """Build the zero-shot head of an open_clip model, as ``build_zero_shot_classifier`` does.
 
@@ -274,7 +277,9 @@ class TextHead(nn.Module):
         default is one template, ``"a photo of a {}."`` (method_reference §2.1).
 
         ``classnames`` are cleaned (``_`` → space, strip) for the prompts and must be non-empty and
-        unique after cleaning; the head keeps them as given. ``templates`` is anything
+        unique after cleaning (``allow_duplicates=True`` accepts repeats: ImageNet's standard list
+        names "missile" and "sunglasses" twice; identical prompts then give tied logits, as in the
+        official code); the head keeps them as given. ``templates`` is anything
         :func:`~clipood_plugin.templates.get_templates` accepts (a preset name, a template, a
         sequence of strings or callables).
 
@@ -287,7 +292,7 @@ class TextHead(nn.Module):
         The head is returned on the device the prompts were encoded on.
         """
         names = tuple(_as_name_list(classnames))
-        cleaned = _clean_classnames(names, require_unique=True)
+        cleaned = _clean_classnames(names, require_unique=not allow_duplicates)
         temps = get_templates(templates)
         texts = tuple(template_text(t) for t in temps)
         net = unwrap_model(model)
@@ -308,7 +313,7 @@ class TextHead(nn.Module):
             cache_file = Path(cache_dir) / f"text_head-{key[:16]}.safetensors"
             cached = _read_cached_weight(cache_file, key, len(cleaned))
             if cached is not None:
-                return cls._from_normalized(cached.to(device), scale, names, texts)
+                return cls._from_normalized(cached.to(device), scale, names, texts, allow_duplicates)
 
         emb = encode_prompts(
             net,
@@ -321,7 +326,7 @@ class TextHead(nn.Module):
         )
         weight = emb.mean(dim=1)
         weight = weight / weight.norm(dim=1, keepdim=True)
-        head = cls._from_normalized(weight, scale, names, texts)
+        head = cls._from_normalized(weight, scale, names, texts, allow_duplicates)
         if cache_file is not None:
             head._write(cache_file, {"cache_key": key})
         return head
@@ -338,7 +343,7 @@ class TextHead(nn.Module):
     def load(cls, path: str | os.PathLike[str], map_location: str | torch.device = "cpu") -> TextHead:
         """Read a head written by :meth:`save` (no unpickling); weights are restored bitwise."""
         weight, scale, names, templates, _ = _read_file(Path(path))
-        return cls._from_normalized(weight, scale, names, templates).to(map_location)
+        return cls._from_normalized(weight, scale, names, templates, allow_duplicates=True).to(map_location)
 
     # -- internals -----------------------------------------------------------------------------
 
@@ -349,13 +354,14 @@ class TextHead(nn.Module):
         scale: float | Tensor,
         classnames: Sequence[str] | None,
         templates: Sequence[Template] | None,
+        allow_duplicates: bool = False,
     ) -> TextHead:
         """Build a head that keeps ``weight`` exactly, for rows that are already unit-norm.
 
         Re-normalising is not idempotent in floating point, so loading, subsetting and the
         open_clip-parity path copy the given rows in instead of normalising them again.
         """
-        head = cls(weight, scale, classnames, templates)
+        head = cls(weight, scale, classnames, templates, allow_duplicates=allow_duplicates)
         norms = weight.detach().double().norm(dim=1)
         worst = float((norms - 1).abs().max())
         if worst > _UNIT_NORM_TOL:
@@ -427,6 +433,12 @@ def _as_name_list(classnames: Iterable[str]) -> list[str]:
     return names
 
 
+_DUPLICATE_HINT = (
+    "; pass allow_duplicates=True if the list really names two classes alike (ImageNet's standard "
+    "list has 'missile' and 'sunglasses' twice), and their logits will tie"
+)
+
+
 def _clean_classnames(classnames: Iterable[str], *, require_unique: bool) -> list[str]:
     """Clean names as CLIPood does; reject an empty list, empty names and (optionally) duplicates."""
     names = _as_name_list(classnames)
@@ -441,13 +453,13 @@ def _clean_classnames(classnames: Iterable[str], *, require_unique: bool) -> lis
             j = first[name]
             raise ValueError(
                 f"duplicate class name: {names[j]!r} (index {j}) and {raw!r} (index {i}) "
-                f"both become {name!r} after cleaning"
+                f"both become {name!r} after cleaning{_DUPLICATE_HINT}"
             )
         first.setdefault(name, i)
     return cleaned
 
 
-def _check_head_classnames(classnames: Sequence[str], num_classes: int) -> tuple[str, ...]:
+def _check_head_classnames(classnames: Sequence[str], num_classes: int, allow_duplicates: bool) -> tuple[str, ...]:
     names = _as_name_list(classnames)
     if len(names) != num_classes:
         raise ValueError(f"got {len(names)} class names for {num_classes} weight rows; they must match")
@@ -455,9 +467,9 @@ def _check_head_classnames(classnames: Sequence[str], num_classes: int) -> tuple
     for i, name in enumerate(names):
         if not name.strip():
             raise ValueError(f"class name {i} ({name!r}) is empty")
-        if name in seen:
-            raise ValueError(f"duplicate class name {name!r} at indices {seen[name]} and {i}")
-        seen[name] = i
+        if name in seen and not allow_duplicates:
+            raise ValueError(f"duplicate class name {name!r} at indices {seen[name]} and {i}{_DUPLICATE_HINT}")
+        seen.setdefault(name, i)
     return tuple(names)
 
 

@@ -33,11 +33,19 @@ import yaml
 from torch import nn
 
 from clipood_plugin import BetaMovingAverage, MMSLoss, TextHead
-from clipood_plugin.data.stream import make_eval_loader, make_train_loader
+from clipood_plugin.data.balanced import BalancedLoader, make_balanced_loader, parse_domain_urls
+from clipood_plugin.data.stream import TrainLoader, make_eval_loader, make_train_loader
 from clipood_plugin.data.urls import read_json, sibling_url
 from clipood_plugin.templates import get_templates
 from clipood_plugin.training.checkpoint import CheckpointManager, capture_rng, load_checkpoint, restore_rng
-from clipood_plugin.training.distributed import all_gather_objects, all_reduce_mean, cleanup, init_distributed
+from clipood_plugin.training.distributed import (
+    DistInfo,
+    all_gather_objects,
+    all_reduce_mean,
+    barrier,
+    cleanup,
+    init_distributed,
+)
 from clipood_plugin.training.evaluate import evaluate
 from clipood_plugin.training.progress import TrainProgress
 
@@ -56,11 +64,17 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--train-shards", default=None,
                    help="training shards: brace pattern, '::'-list, directory, file://, s3://, gs://, az://, http(s)://; "
                         "omit all data flags to run the embedded default world")
+    g.add_argument("--train-shards-per-domain", action="append", default=[], metavar="DOMAIN=URLS",
+                   help="instead of --train-shards: one source domain's shards (repeatable); every step "
+                        "concatenates --batch-size samples of each domain (DomainBed's balanced batches)")
     g.add_argument("--train-num-samples", type=int, default=None,
                    help="samples per epoch (else read from sizes.json / _info.json beside the shards)")
     g.add_argument("--classnames", default=None,
                    help="class names of the training shards: a JSON list or a text file, one per line "
                         "(default: classnames.json beside the shards)")
+    g.add_argument("--allow-duplicate-classnames", action="store_true",
+                   help="accept repeated class names (ImageNet's list repeats 'missile' and 'sunglasses'); "
+                        "their identical prompts give tied logits, as in the official code")
     g.add_argument("--template", default="clip",
                    help="prompt template preset (clip, openai_imagenet, simple_imagenet, a dataset name) or a "
                         "template string with {}")
@@ -105,10 +119,14 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--ema-decay", type=float, default=None, help="also keep an EMA with this decay, for comparison")
 
     g = p.add_argument_group("optimisation")
-    g.add_argument("--epochs", type=int, default=1, help="passes over --train-num-samples")
+    g.add_argument("--epochs", type=int, default=1,
+                   help="epochs: passes over --train-num-samples, or --iters-per-epoch batches each")
     g.add_argument("--total-steps", type=int, default=None,
                    help="optimizer steps (T of BMA); default: epochs × steps per epoch / grad accum")
-    g.add_argument("--batch-size", type=int, default=36, help="per-rank batch size")
+    g.add_argument("--batch-size", type=int, default=36,
+                   help="per-rank batch size (per domain with --train-shards-per-domain)")
+    g.add_argument("--iters-per-epoch", type=int, default=None,
+                   help="batches per epoch (the official code's 'epoch' is 500 iterations); default: one data pass")
     g.add_argument("--lr", type=float, default=5e-6, help="AdamW learning rate (paper: 5e-6)")
     g.add_argument("--weight-decay", type=float, default=0.1, help="AdamW weight decay, on every parameter (paper)")
     g.add_argument("--warmup-steps", type=int, default=0, help="linear warmup before the cosine (paper: none)")
@@ -162,6 +180,26 @@ def load_classnames(spec: str | None, shards: str) -> list[str]:
     if not isinstance(names, list) or not names:
         raise ValueError(f"no class names found ({spec or 'classnames.json beside the shards'})")
     return [str(n) for n in names]
+
+
+def train_data(args: argparse.Namespace, transform: Any, num_classes: int,
+               dist_info: DistInfo) -> TrainLoader | BalancedLoader:
+    """The training stream: one shuffled stream (--train-shards) or balanced per-domain batches
+    (--train-shards-per-domain). --iters-per-epoch fixes the batches per epoch of either; one stream
+    with a fixed count is the one-domain case of the balanced loader."""
+    common = dict(transform=transform, num_classes=num_classes, workers=args.workers, world_size=dist_info.world_size,
+                  rank=dist_info.rank, seed=args.seed, resampled=args.resampled, shuffle_buffer=args.shuffle_buffer,
+                  allow_pipe=args.allow_pipe)
+    per_domain = parse_domain_urls(args.train_shards_per_domain)
+    if per_domain and args.train_shards:
+        raise ValueError("give --train-shards or --train-shards-per-domain, not both")
+    if per_domain and args.train_num_samples is not None:
+        raise ValueError("--train-num-samples does not apply to --train-shards-per-domain (use --iters-per-epoch)")
+    if per_domain or args.iters_per_epoch is not None:
+        return make_balanced_loader(per_domain or {"train": args.train_shards}, batch_per_domain=args.batch_size,
+                                    steps_per_epoch=args.iters_per_epoch, **common)
+    return make_train_loader(args.train_shards, batch_size=args.batch_size, num_samples=args.train_num_samples,
+                             **common)
 
 
 def first_url(shards: str) -> str:
@@ -345,10 +383,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     primary = dist_info.is_primary
     torch.manual_seed(args.seed)  # identical model init on every rank
 
-    if args.train_shards is None:  # the embedded default: a generated world and its tiny CLIP
+    if args.train_shards is None and not args.train_shards_per_domain:  # the embedded default world and tiny CLIP
         from clipood_plugin.world.default import prepare_embedded_default
 
-        prepare_embedded_default(args, primary=primary)
+        defaults = {a.dest: a.default for a in build_parser()._actions}
+        if not primary:
+            barrier(dist_info)  # rank 0 generates and caches the world first
+        prepare_embedded_default(args, defaults, primary=primary)
+        if primary:
+            barrier(dist_info)
     out_dir = Path(args.output)
     if primary:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -357,21 +400,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     # -- model, frozen text head, loss -------------------------------------------------------
     model, tower, train_tf, eval_tf, tokenizer = build_model(args, device)
     params = freeze_all_but_tower(model, tower, args.freeze)
-    classnames = load_classnames(args.classnames, args.train_shards)
+    classnames = load_classnames(args.classnames, args.train_shards or "::".join(
+        parse_domain_urls(args.train_shards_per_domain).values()))
     templates = get_templates(args.template)
     head = TextHead.from_open_clip(model, tokenizer, classnames, templates, device=device,
-                                   cache_dir=args.cache_dir, progress=primary).to(device)
+                                   cache_dir=args.cache_dir, progress=primary,
+                                   allow_duplicates=args.allow_duplicate_classnames).to(device)
     loss_fn = build_loss(args, model, tower, tokenizer, classnames, head, device, primary)
     zero_shot_state = {k: v.detach().to("cpu", copy=True) for k, v in tower.state_dict().items()} \
         if args.wise_alpha is not None else None
 
     # -- data: every rank takes the same number of steps ------------------------------------
-    train = make_train_loader(
-        args.train_shards, batch_size=args.batch_size, transform=train_tf, num_classes=len(classnames),
-        num_samples=args.train_num_samples, workers=args.workers, world_size=dist_info.world_size,
-        rank=dist_info.rank, seed=args.seed, resampled=args.resampled, shuffle_buffer=args.shuffle_buffer,
-        allow_pipe=args.allow_pipe,
-    )
+    train = train_data(args, train_tf, len(classnames), dist_info)
     steps_per_epoch = train.steps_per_epoch // args.grad_accum
     if steps_per_epoch < 1:
         raise ValueError(f"an epoch has {train.steps_per_epoch} batches, fewer than --grad-accum {args.grad_accum}")
@@ -380,7 +420,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     eval_sets = parse_eval_sets(args, classnames)
     eval_heads = {name: head if names == classnames else
                   TextHead.from_open_clip(model, tokenizer, names, templates, device=device,
-                                          cache_dir=args.cache_dir, progress=primary).to(device)
+                                          cache_dir=args.cache_dir, progress=primary,
+                                          allow_duplicates=args.allow_duplicate_classnames).to(device)
                   for name, _, names in eval_sets}
     subsets = parse_subsets(args, {name: names for name, _, names in eval_sets})
     base_classes = torch.tensor([int(i) for i in args.base_classes.split(",")]) if args.base_classes else None
@@ -469,7 +510,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             torch.manual_seed(args.seed * 100_003 + epoch * 1_009 + dist_info.rank)  # data order = f(seed, epoch)
             micro = 0
             loss_sum = 0.0
-            for batch_index, (images, labels, *_) in enumerate(train.loader):
+            for batch_index, (images, labels, *_) in enumerate(train):
                 if batch_index < skip_batches:  # resuming mid-epoch: replay the stream to its position
                     continue
                 images = images.to(device, non_blocking=True)

@@ -397,3 +397,15 @@ def test_templates_preset_name_is_accepted(tiny) -> None:
     model, tok = tiny
     head = TextHead.from_open_clip(model, tok, NAMES[:2], "OxfordFlowers")
     assert head.templates == get_templates("oxfordflowers") == ("a photo of a {}, a type of flower.",)
+
+
+def test_duplicate_names_are_an_error_unless_allowed(tiny, tmp_path: Path) -> None:
+    model, tokenizer = tiny
+    names = ["missile", "tank", "missile"]  # ImageNet's standard list really repeats two names
+    with pytest.raises(ValueError, match=r"duplicate class name.*allow_duplicates=True"):
+        TextHead.from_open_clip(model, tokenizer, names)
+    head = TextHead.from_open_clip(model, tokenizer, names, allow_duplicates=True)
+    assert head.classnames == tuple(names)
+    assert torch.equal(head.weight[0], head.weight[2])  # identical prompts: the logits tie
+    head.save(tmp_path / "dup.safetensors")
+    assert TextHead.load(tmp_path / "dup.safetensors").classnames == tuple(names)
