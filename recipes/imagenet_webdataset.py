@@ -226,9 +226,10 @@ def build_model(args: argparse.Namespace, device: torch.device) -> tuple[nn.Modu
     if force_quick_gelu:
         print(f"note: {args.model} with pretrained={pretrained!r} uses QuickGELU, as those weights were trained",
               file=sys.stderr)
-    model, train_tf, eval_tf = open_clip.create_model_and_transforms(
-        args.model, pretrained=None if local else pretrained, device=device, force_quick_gelu=force_quick_gelu
-    )
+    with _quiet_root_logger(local):  # open_clip's "no pretrained weights" warning is wrong here: they load below
+        model, train_tf, eval_tf = open_clip.create_model_and_transforms(
+            args.model, pretrained=None if local else pretrained, device=device, force_quick_gelu=force_quick_gelu
+        )
     if local:
         load_local_weights(model, Path(pretrained))
     tokenizer = open_clip.get_tokenizer(args.model)
@@ -245,6 +246,20 @@ def build_model(args: argparse.Namespace, device: torch.device) -> tuple[nn.Modu
         train_tf = timm.data.create_transform(**data_cfg, is_training=True)
         eval_tf = timm.data.create_transform(**data_cfg)
     return model, tower, train_tf, eval_tf, tokenizer
+
+
+@contextlib.contextmanager
+def _quiet_root_logger(enabled: bool) -> Any:
+    import logging
+
+    logger = logging.getLogger()
+    level = logger.level
+    if enabled:
+        logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 def load_local_weights(model: nn.Module, path: Path) -> None:
