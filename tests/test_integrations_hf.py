@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
 import pytest
@@ -13,6 +12,7 @@ from torch.utils.data import Dataset
 
 pytest.importorskip("transformers")
 pytest.importorskip("accelerate")
+from reference import beta_alphas, closed_form, params64
 from safetensors.torch import load_file
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
@@ -24,18 +24,7 @@ BATCHES, EPOCHS = 3, 2
 STEPS = BATCHES * EPOCHS
 
 
-def beta_alphas(total_steps: int, beta: float) -> list[float]:
-    xs = [(t + 0.5) / (total_steps + 1) for t in range(total_steps + 1)]
-    return [math.exp((beta - 1) * (math.log(x) + math.log1p(-x))) for x in xs]
 
-
-def closed_form(snaps: list[dict[str, Tensor]], alphas: list[float]) -> dict[str, Tensor]:
-    total = sum(alphas)
-    return {k: sum(a * s[k] for a, s in zip(alphas, snaps)) / total for k in snaps[0]}
-
-
-def params64(module: nn.Module) -> dict[str, Tensor]:
-    return {k: v.detach().double().clone() for k, v in module.named_parameters()}
 
 
 class TinyClassifier(nn.Module):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import warnings
 from pathlib import Path
 
@@ -16,6 +15,7 @@ if not hasattr(pytest.importorskip("lightning.pytorch.callbacks"), "WeightAverag
     pytest.skip("lightning < 2.6 has no WeightAveraging", allow_module_level=True)
 
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint  # noqa: E402
+from reference import beta_alphas, closed_form, params64  # noqa: E402
 
 from clipood_plugin.integrations.lightning import BetaWeightAveraging  # noqa: E402
 
@@ -26,18 +26,7 @@ pytestmark = pytest.mark.filterwarnings(
 )
 
 
-def beta_alphas(total_steps: int, beta: float) -> list[float]:
-    xs = [(t + 0.5) / (total_steps + 1) for t in range(total_steps + 1)]
-    return [math.exp((beta - 1) * (math.log(x) + math.log1p(-x))) for x in xs]
 
-
-def closed_form(snaps: list[dict[str, Tensor]], alphas: list[float]) -> dict[str, Tensor]:
-    total = sum(alphas)
-    return {k: sum(a * s[k] for a, s in zip(alphas, snaps)) / total for k in snaps[0]}
-
-
-def params64(module: nn.Module) -> dict[str, Tensor]:
-    return {k: v.detach().double().clone() for k, v in module.named_parameters()}
 
 
 class TinyModule(L.LightningModule):

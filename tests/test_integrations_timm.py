@@ -21,6 +21,8 @@ timm_task = pytest.importorskip("timm.task")
 if not hasattr(timm_task.TrainingTask, "setup_ema"):
     pytest.skip("timm < 1.0.27 has no task EMA API", allow_module_level=True)
 
+from reference import beta_alphas, closed_form  # noqa: E402
+from reference import params64 as snapshot  # noqa: E402
 from timm.models import load_checkpoint  # noqa: E402
 from timm.task import load_task_ema_checkpoint, resume_task_checkpoint  # noqa: E402
 from timm.utils import CheckpointSaver  # noqa: E402
@@ -50,19 +52,7 @@ def batch(seed: int = 2) -> tuple[Tensor, Tensor]:
     return torch.randn(BATCH, 3, 32, 32, generator=gen), torch.randint(0, CLASSES, (BATCH,), generator=gen)
 
 
-def beta_alphas(total_steps: int, beta: float) -> list[float]:
-    """α_t ∝ x^(β-1)(1-x)^(β-1) at x = (t + 0.5)/(T + 1); the Beta constant cancels in the ratio."""
-    xs = [(t + 0.5) / (total_steps + 1) for t in range(total_steps + 1)]
-    return [math.exp((beta - 1) * (math.log(x) + math.log1p(-x))) for x in xs]
 
-
-def snapshot(module: nn.Module) -> dict[str, Tensor]:
-    return {k: v.detach().double().clone() for k, v in module.named_parameters()}
-
-
-def closed_form(snaps: list[dict[str, Tensor]], alphas: list[float]) -> dict[str, Tensor]:
-    total = sum(alphas)
-    return {k: sum(a * s[k] for a, s in zip(alphas, snaps)) / total for k in snaps[0]}
 
 
 def train(task: CLIPoodTask, steps: int, lr: float = 1e-3) -> tuple[list[float], list[dict[str, Tensor]], torch.optim.Optimizer]:
