@@ -6,8 +6,10 @@ prints shows zero-shot, fine-tuned and BMA accuracy in and out of distribution. 
 generated or trained locally and cached (keyed by the generator and training settings), so the
 first run takes a few CPU minutes and later runs start in seconds.
 
-The fine-tuning hyperparameters below were chosen on the *source* domains' validation split
-(``recipes/ood_benchmark.py`` shows the selection), never on the held-out domains.
+The fine-tuning hyperparameters below were set by hand for a short, readable run (lr 1e-4, 300
+steps); they were not tuned on the held-out domains. ``recipes/ood_benchmark.py`` is the
+protocol-clean comparison: there the lr is chosen on source-domain validation only (it picks
+3e-4, which fits the sources better and forgets the held-out sketch domain more).
 """
 
 from __future__ import annotations
