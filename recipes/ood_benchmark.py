@@ -469,7 +469,10 @@ def markdown(results: dict[str, Any]) -> str:
 
 def plot(results: dict[str, Any], path: Path) -> None:
     """Accuracy per method per split (one panel per setting) and the BMA weights α_t."""
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError as exc:
+        raise ImportError('the figure needs matplotlib: pip install "clipood-plugin[bench]"') from exc
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
