@@ -10,16 +10,15 @@ are 200-class subsets of ImageNet's 1000).
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Iterable, Sequence
 
 import torch
 from torch import Tensor, nn
 
-__all__ = ["accuracy_metrics", "evaluate", "harmonic_mean", "predict"]
+from clipood_plugin.protocols.base_to_new import harmonic_mean
 
-
-def harmonic_mean(a: float, b: float) -> float:
-    return 0.0 if a + b == 0 else 2 * a * b / (a + b)
+__all__ = ["accuracy_metrics", "evaluate", "predict"]
 
 
 @torch.no_grad()
@@ -74,7 +73,8 @@ def accuracy_metrics(
         is_base = torch.isin(labels, base_classes.cpu())
         base = 100 * correct[is_base].mean().item() if is_base.any() else float("nan")
         new = 100 * correct[~is_base].mean().item() if (~is_base).any() else float("nan")
-        metrics.update(base=base, new=new, harmonic_mean=harmonic_mean(base, new))
+        both = not (math.isnan(base) or math.isnan(new))  # a split with no samples has no H
+        metrics.update(base=base, new=new, harmonic_mean=harmonic_mean(base, new) if both else float("nan"))
     return metrics
 
 
