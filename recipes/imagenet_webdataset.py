@@ -33,6 +33,7 @@ import yaml
 from torch import nn
 
 from clipood_plugin import BetaMovingAverage, MMSLoss, TextHead
+from clipood_plugin._logging import no_random_init_warning
 from clipood_plugin.data.balanced import BalancedLoader, make_balanced_loader, parse_domain_urls
 from clipood_plugin.data.stream import TrainLoader, make_eval_loader, make_train_loader
 from clipood_plugin.data.urls import read_json, sibling_url
@@ -226,7 +227,7 @@ def build_model(args: argparse.Namespace, device: torch.device) -> tuple[nn.Modu
     if force_quick_gelu:
         print(f"note: {args.model} with pretrained={pretrained!r} uses QuickGELU, as those weights were trained",
               file=sys.stderr)
-    with _quiet_root_logger(local):  # open_clip's "no pretrained weights" warning is wrong here: they load below
+    with no_random_init_warning(local):  # open_clip's "no pretrained weights" line is wrong here: they load below
         model, train_tf, eval_tf = open_clip.create_model_and_transforms(
             args.model, pretrained=None if local else pretrained, device=device, force_quick_gelu=force_quick_gelu
         )
@@ -246,20 +247,6 @@ def build_model(args: argparse.Namespace, device: torch.device) -> tuple[nn.Modu
         train_tf = timm.data.create_transform(**data_cfg, is_training=True)
         eval_tf = timm.data.create_transform(**data_cfg)
     return model, tower, train_tf, eval_tf, tokenizer
-
-
-@contextlib.contextmanager
-def _quiet_root_logger(enabled: bool) -> Any:
-    import logging
-
-    logger = logging.getLogger()
-    level = logger.level
-    if enabled:
-        logger.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        logger.setLevel(level)
 
 
 def load_local_weights(model: nn.Module, path: Path) -> None:

@@ -22,14 +22,13 @@ are small to keep the optimiser step cheap.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import logging
 import math
 import os
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
@@ -40,6 +39,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from clipood_plugin._io import atomic_path
+from clipood_plugin._logging import no_random_init_warning
 from clipood_plugin.world.images import CLASS_PROMPT, DOMAINS, SPLITS, WorldSpec, make_tensors
 
 __all__ = [
@@ -233,7 +233,7 @@ def pretrain(spec: WorldSpec | None = None, config: PretrainConfig | None = None
     index = {c: i for i, c in enumerate(unique)}
     tokens = unique_tokens[torch.tensor([index[c] for c in captions])]
 
-    with torch.random.fork_rng(devices=[]), _no_random_init_warning():  # seed the init, leave the caller's RNG be
+    with torch.random.fork_rng(devices=[]), no_random_init_warning():  # seed the init, leave the caller's RNG be
         torch.manual_seed(config.seed)
         model = open_clip.create_model(config.model_name, pretrained=None)
     model.train()
@@ -275,22 +275,6 @@ def pretrain(spec: WorldSpec | None = None, config: PretrainConfig | None = None
                 model.logit_scale.clamp_(0, math.log(100))
             bar.update(task, advance=1, loss=loss.item())
     return model.eval()
-
-
-@contextlib.contextmanager
-def _no_random_init_warning() -> Iterator[None]:
-    """Drop open_clip's "No pretrained weights loaded" warning: here random init is the point, or is
-    immediately overwritten by cached weights."""
-
-    def keep(record: logging.LogRecord) -> bool:
-        return not str(record.msg).startswith("No pretrained weights loaded")
-
-    root = logging.getLogger()
-    root.addFilter(keep)
-    try:
-        yield
-    finally:
-        root.removeFilter(keep)
 
 
 def default_cache_dir() -> Path:
@@ -346,7 +330,7 @@ def load_pretrained(spec: WorldSpec | None = None, config: PretrainConfig | None
     weights = root / f"{config.model_name}-{key}.safetensors"
     meta = root / f"{config.model_name}-{key}.json"
 
-    with _no_random_init_warning():
+    with no_random_init_warning():
         model, _, preprocess = open_clip.create_model_and_transforms(config.model_name, pretrained=None)
     tokenizer = open_clip.get_tokenizer(config.model_name)
     if not force and weights.is_file() and meta.is_file():
