@@ -502,6 +502,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     # -- the loop ------------------------------------------------------------------------------
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # preemption: exit via finally
+    acc_dtype = torch.float32 if device.type == "mps" else torch.float64  # mps has no float64
     results: dict[str, Any] = {}
     if not args.no_eval_zero_shot and step == 0 and eval_sets:  # the pretrained weights, as the official code
         results.update(run_eval({"eval_zs": tower}))
@@ -511,7 +512,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             train.set_epoch(epoch)
             torch.manual_seed(args.seed * 100_003 + epoch * 1_009 + dist_info.rank)  # data order = f(seed, epoch)
             micro = 0
-            loss_sum = 0.0
+            loss_acc = torch.zeros((), dtype=acc_dtype, device=device)  # summed on device: no sync per micro-batch
             for batch_index, (images, labels, *_) in enumerate(train):
                 if batch_index < skip_batches:  # resuming mid-epoch: replay the stream to its position
                     continue
@@ -523,7 +524,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 with sync, torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
                     loss = loss_fn(train_tower, images, labels) / args.grad_accum
                     scaler.scale(loss).backward()
-                loss_sum += loss.item()
+                loss_acc += loss.detach().to(acc_dtype)
                 if not boundary:
                     continue
                 if args.clip_grad is not None:
@@ -534,6 +535,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 optimizer.zero_grad(set_to_none=True)
                 scheduler.step()
                 step += 1
+                loss_sum = loss_acc.item()  # the one host sync per optimizer step
+                loss_acc.zero_()
                 if bma is not None:
                     bma.update_parameters(tower)
                 if ema is not None:
@@ -547,7 +550,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                         with (out_dir / "train_log.jsonl").open("a") as fh:
                             fh.write(json.dumps({"step": step, "loss": global_loss,
                                                  "lr": scheduler.get_last_lr()[0]}) + "\n")
-                loss_sum = 0.0
                 if args.checkpoint_interval and step % args.checkpoint_interval == 0 and step < total_steps:
                     checkpoint(epoch, batch_index + 1)
                 if step >= total_steps:
