@@ -27,9 +27,13 @@ so a run resumes exactly and loading into an average built with other hyperparam
 
 Where we differ from the official code, on purpose:
 
-- The average is kept in float32 even when the model trains in bf16/fp16. The official code
-  stores and updates it in the parameters' fp16 and loses about 10–20 % of the average's
-  movement away from θ_0 to rounding (method_reference §3.2).
+- By default (``storage="fp32"``) the average is kept in float32 even when the model trains in
+  bf16/fp16. The official code stores and updates it in the parameters' fp16 and loses about
+  10–20 % of the average's movement away from θ_0 to rounding (docs/numerics.md).
+  ``storage="param"`` reproduces the official average instead: each tensor in its parameter's own
+  dtype, updated with exactly the official expression ``(avg + r·θ) / (1 + r)`` (three roundings
+  per element, no fused multiply-add and no lerp: either drifts 12–28 ulp from the official
+  average over 60 fp16 steps).
 - Stepping past the horizon T raises. The official rule would silently freeze (the Beta pdf is 0
   beyond x = 1).
 - β, T and the step count are saved in ``state_dict()``, so a run resumes exactly; the official
@@ -163,6 +167,38 @@ def get_beta_multi_avg_fn(
     return beta_update
 
 
+#: Where an average keeps its tensors: ``"fp32"`` (at least float32, the default) or ``"param"``
+#: (each parameter's own dtype, updated with the official expression; see the module docstring).
+STORAGES = ("fp32", "param")
+
+
+def check_storage(storage: str) -> str:
+    """Validate an average's ``storage`` mode (shared with the integrations)."""
+    if storage not in STORAGES:
+        raise ValueError(f"storage must be one of {STORAGES}, got {storage!r}")
+    return storage
+
+
+@torch.no_grad()
+def _official_update_into(averaged: Sequence[Tensor], current: Sequence[Tensor], relative_weight: float) -> None:
+    """``avg ← (avg + r·θ) / (1 + r)`` per tensor, in the average's dtype, as the official code.
+
+    The official ``GeneralMovingAverage.update`` evaluates this expression with a float64 Python
+    scalar ``r``: a multiply, an add and a divide, each rounded to the tensor's dtype. We run the
+    same three kernels one tensor at a time (a foreach divide, or a fused add, rounds differently
+    on some devices), so an fp16 average is bitwise the official one.
+    """
+    for avg, cur in zip(averaged, current):
+        if avg.is_floating_point() or avg.is_complex():
+            if cur.dtype != avg.dtype or cur.device != avg.device:
+                cur = cur.to(device=avg.device, dtype=avg.dtype)
+            scaled = cur * relative_weight
+            avg.add_(scaled)
+            avg.div_(1.0 + relative_weight)
+        else:
+            avg.copy_(cur)
+
+
 def _upcast_half(tensor: Tensor) -> Tensor:
     return tensor.float() if tensor.is_floating_point() and tensor.element_size() < 4 else tensor
 
@@ -178,11 +214,14 @@ def _optional_int(value: Any) -> int | None:
 class _StepAverage(AveragedModel):
     """The update machinery every average here shares; a subclass supplies only ``w_t``.
 
-    State: the averaged copy ``.module`` (floating-point tensors in at least float32), the
+    State: the averaged copy ``.module`` (floating-point tensors in at least float32 with
+    ``storage="fp32"``, in the parameters' own dtypes with ``storage="param"``), the
     ``n_averaged`` buffer (models folded in, θ_0 included when ``include_init``) and a host mirror
     of it, ``_count``, so an update never waits on the device. An update with θ_t is
     ``avg ← lerp(avg, θ_t, w_t)`` over parameters (and buffers with ``use_buffers``), in one
-    ``torch._foreach_lerp_``; buffers are otherwise copied from the model, as torch does.
+    ``torch._foreach_lerp_`` (``storage="param"``: the official ``(avg + r·θ) / (1 + r)`` with
+    ``r = w_t / (1 − w_t)``, see :meth:`_relative_weight`); buffers are otherwise copied from the
+    model, as torch does.
 
     Subclasses set ``_kind`` (the tag in the saved extra state), ``_label`` (their name in error
     messages), ``_horizon_reason`` and ``_mismatch_reason`` (the second halves of those errors),
@@ -205,11 +244,14 @@ class _StepAverage(AveragedModel):
         device: int | str | torch.device | None,
         use_buffers: bool,
         include_init: bool,
+        storage: str = "fp32",
         multi_avg_fn: Callable[[Sequence[Tensor], Sequence[Tensor], Tensor | int], None] | None = None,
     ) -> None:
+        self.storage = check_storage(storage)
         model = unwrap_model(model)
         super().__init__(model, device=device, multi_avg_fn=multi_avg_fn, use_buffers=use_buffers)
-        self.module._apply(_upcast_half)
+        if self.storage == "fp32":
+            self.module._apply(_upcast_half)
         self.module.requires_grad_(False)
         self.total_steps = total_steps
         self.include_init = include_init
@@ -226,6 +268,16 @@ class _StepAverage(AveragedModel):
     def _hparams(self) -> dict[str, Any]:
         """The hyperparameters that fix the weights, in ``_hparam_types`` order."""
         raise NotImplementedError
+
+    def _relative_weight(self, step: int) -> float | None:
+        """``r_t`` of the official form ``(avg + r·θ_t) / (1 + r)``; ``None`` means a plain copy.
+
+        The generic ``w / (1 − w)`` is the same update as ``lerp(avg, θ, w)``; a subclass whose
+        official rule computes ``r`` directly (BMA: ``α_t / W_{t−1}``) overrides this so the float64
+        scalar is bitwise the official one.
+        """
+        weight = self._lerp_weight(step)
+        return None if weight >= 1.0 else weight / (1.0 - weight)
 
     # -- bookkeeping ---------------------------------------------------------------------------
 
@@ -274,7 +326,14 @@ class _StepAverage(AveragedModel):
             )
         if self._checked_model != id(model):
             self._check_same_structure(model)
-        _lerp_into(self._tensors(self.module), self._tensors(model), self._lerp_weight(step))
+        if self.storage == "fp32":
+            _lerp_into(self._tensors(self.module), self._tensors(model), self._lerp_weight(step))
+        else:
+            relative = self._relative_weight(step)
+            if relative is None:
+                _lerp_into(self._tensors(self.module), self._tensors(model), 1.0)
+            else:
+                _official_update_into(self._tensors(self.module), self._tensors(model), relative)
         if not self.use_buffers:
             for averaged, current in zip(self.module.buffers(), model.buffers()):
                 averaged.copy_(current.to(averaged.device))
@@ -307,7 +366,7 @@ class _StepAverage(AveragedModel):
     # -- state ---------------------------------------------------------------------------------
 
     def get_extra_state(self) -> dict[str, Any]:
-        return {"format": _FORMAT_VERSION, "kind": self._kind, **self._hparams()}
+        return {"format": _FORMAT_VERSION, "kind": self._kind, **self._hparams(), "storage": self.storage}
 
     def set_extra_state(self, state: Any) -> None:
         if not isinstance(state, dict) or state.get("kind") != self._kind:
@@ -322,6 +381,8 @@ class _StepAverage(AveragedModel):
             raise ValueError(f"{self._label} checkpoint extra state lacks {missing} (extra state {state!r})")
         saved = {name: convert(state[name]) for name, convert in self._hparam_types.items()}
         mine = self._hparams()
+        # the storage mode changes the average's arithmetic; states saved before it existed are fp32
+        saved["storage"], mine["storage"] = str(state.get("storage", "fp32")), self.storage
         if saved != mine:
             raise ValueError(
                 f"{self._label} checkpoint was made with {_describe(saved)}; this average has {_describe(mine)}. "
@@ -335,6 +396,21 @@ class _StepAverage(AveragedModel):
             raise ValueError(f"loaded n_averaged={self._count} does not fit total_steps={self.total_steps}")
         self._checked_model = None
         return result
+
+
+def _official_relative_weights(weights: Sequence[float]) -> list[float | None]:
+    """The official ``r_t = α_t / W_{t−1}`` for t = 1..T (index 0 unused), W summed as it does.
+
+    ``GeneralMovingAverage`` keeps ``weight_sum`` as a float64 that starts at α_0 and grows by
+    ``+= α_t`` after each update; the same sequential sum here gives the same scalars. ``None``
+    where nothing is in the average yet (α_0 = 0 without θ_0): that update is a copy.
+    """
+    relative: list[float | None] = [None]
+    weight_sum = weights[0]
+    for alpha in weights[1:]:
+        relative.append(alpha / weight_sum if weight_sum > 0 else None)
+        weight_sum += alpha
+    return relative
 
 
 def _describe(hparams: dict[str, Any]) -> str:
@@ -362,13 +438,17 @@ class BetaMovingAverage(_StepAverage):
         use_buffers: average buffers too (else copy them from the model each update, as torch).
         include_init: record the model passed here as θ_0 with weight α_0, as the paper does.
             With False the first ``update_parameters`` call records θ_1 and θ_0 is left out.
+        storage: ``"fp32"`` (default): floating-point weights are averaged in at least float32,
+            so a bf16/fp16 model gets an fp32 average. ``"param"``: the official code's average,
+            kept in each parameter's own dtype and updated as ``(avg + r·θ_t) / (1 + r)`` with the
+            float64 ``r = α_t / W_{t−1}``, bitwise the official ``GeneralMovingAverage`` (its fp16
+            rounding included; use it to reproduce the paper, not to fine-tune well).
 
     Call :meth:`update_parameters` (or its timm-style alias :meth:`update`) once after every
-    optimizer step, t = 1..T. A call past T raises. Floating-point weights are averaged in at
-    least float32: a bf16/fp16 model gets an fp32 average.
+    optimizer step, t = 1..T. A call past T raises.
 
-    ``state_dict()`` holds the averaged weights, ``n_averaged`` and, as extra state, β, T and
-    ``include_init``; loading into an average built with another β or T raises.
+    ``state_dict()`` holds the averaged weights, ``n_averaged`` and, as extra state, β, T,
+    ``include_init`` and ``storage``; loading into an average built with other values raises.
     """
 
     _kind = "beta"
@@ -395,6 +475,7 @@ class BetaMovingAverage(_StepAverage):
         device: int | str | torch.device | None = None,
         use_buffers: bool = False,
         include_init: bool = True,
+        storage: str = "fp32",
     ) -> None:
         _check_horizon(total_steps, beta)
         super().__init__(
@@ -403,10 +484,13 @@ class BetaMovingAverage(_StepAverage):
             device=device,
             use_buffers=use_buffers,
             include_init=include_init,
+            storage=storage,
             multi_avg_fn=get_beta_multi_avg_fn(beta, total_steps),
         )
         self.beta = float(beta)
-        self._ratios = _lerp_ratios(self.weights)
+        weights = self.weights
+        self._ratios = _lerp_ratios(weights)
+        self._relative = _official_relative_weights(weights.tolist())
 
     @property
     def weights(self) -> Tensor:
@@ -422,6 +506,9 @@ class BetaMovingAverage(_StepAverage):
     def _lerp_weight(self, step: int) -> float:
         # α_t / W_t; with include_init=False α_0 = 0, so step 1 gets 1 (a copy)
         return self._ratios[step]
+
+    def _relative_weight(self, step: int) -> float | None:
+        return self._relative[step]
 
     def _hparams(self) -> dict[str, Any]:
         return {"beta": self.beta, "total_steps": self.total_steps, "include_init": self.include_init}
@@ -442,7 +529,7 @@ class UniformAverage(_StepAverage):
             through, as :class:`BetaMovingAverage`).
         total_steps: optional horizon; when given, an update past it raises (a guard for loops
             that must not overrun a planned run). ``None``: no horizon.
-        device, use_buffers, include_init: as :class:`BetaMovingAverage`.
+        device, use_buffers, include_init, storage: as :class:`BetaMovingAverage`.
 
     Same conveniences as :class:`BetaMovingAverage`: ``update(model, step=None)``, ``set(model)``,
     an fp32 average for half-precision models, and a resumable ``state_dict()`` (``total_steps``
@@ -465,10 +552,16 @@ class UniformAverage(_StepAverage):
         device: int | str | torch.device | None = None,
         use_buffers: bool = False,
         include_init: bool = True,
+        storage: str = "fp32",
     ) -> None:
         _check_optional_horizon(total_steps)
         super().__init__(
-            model, total_steps=total_steps, device=device, use_buffers=use_buffers, include_init=include_init
+            model,
+            total_steps=total_steps,
+            device=device,
+            use_buffers=use_buffers,
+            include_init=include_init,
+            storage=storage,
         )
 
     def extra_repr(self) -> str:
@@ -508,7 +601,7 @@ class ExponentialMovingAverage(_StepAverage):
         warmup_gamma, warmup_power: γ > 0 and p > 0 of the schedule.
         min_decay: lower clamp of the warm-up decay, in [0, decay].
         total_steps: optional horizon (an update past it raises); ``None`` (default): none.
-        device, use_buffers, include_init: as :class:`BetaMovingAverage`.
+        device, use_buffers, include_init, storage: as :class:`BetaMovingAverage`.
 
     Same conveniences as :class:`BetaMovingAverage`: ``update(model, step=None)`` (``step`` is
     checked against the average's own count, not used to look the decay up, so a resumed average
@@ -542,6 +635,7 @@ class ExponentialMovingAverage(_StepAverage):
         device: int | str | torch.device | None = None,
         use_buffers: bool = False,
         include_init: bool = True,
+        storage: str = "fp32",
     ) -> None:
         for name, value in (("decay", decay), ("min_decay", min_decay)):
             if not (_is_real(value) and 0.0 <= value <= 1.0):
@@ -555,7 +649,12 @@ class ExponentialMovingAverage(_StepAverage):
             raise TypeError(f"warmup must be a bool, got {type(warmup).__name__}")
         _check_optional_horizon(total_steps)
         super().__init__(
-            model, total_steps=total_steps, device=device, use_buffers=use_buffers, include_init=include_init
+            model,
+            total_steps=total_steps,
+            device=device,
+            use_buffers=use_buffers,
+            include_init=include_init,
+            storage=storage,
         )
         self.decay = float(decay)
         self.warmup = warmup

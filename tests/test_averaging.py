@@ -260,3 +260,100 @@ def test_update_bn_and_buffers_follow_torch_semantics() -> None:
         expected = torch.stack([bma.module[0](x).mean(0) for (x,) in loader]).mean(0)
     torch.testing.assert_close(bma.module[1].running_mean, expected)
     assert not torch.allclose(bma.module[1].running_mean, model[1].running_mean)
+
+
+# -- storage="param": the official fp16 average -------------------------------------------------
+
+
+def _official_like_model() -> nn.Module:
+    """fp16 Linear weights (as OpenAI CLIP's convert_weights leaves them) next to an fp32 LayerNorm."""
+    torch.manual_seed(3)
+    model = small_model()
+    for layer in (model[0], model[3]):
+        layer.half()
+    return model
+
+
+def _fp16_trajectory(model: nn.Module, steps: int) -> list[list[Tensor]]:
+    """θ_0..θ_T in the parameters' own dtypes: random drifts rounded to the dtype, as fp16 training."""
+    gen = torch.Generator().manual_seed(11)
+    snaps = [[p.detach().clone() for p in model.parameters()]]
+    for _ in range(steps):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_((1e-3 * torch.randn(p.shape, generator=gen)).to(p.dtype))
+        snaps.append([p.detach().clone() for p in model.parameters()])
+    return snaps
+
+
+@pytest.mark.parametrize("beta", [0.1, 0.5, 2.0])
+def test_param_storage_is_bitwise_the_official_rule(beta: float) -> None:
+    # The official GeneralMovingAverage, restated: scipy pdf weights, a float64 running weight sum,
+    # and `(avg + r * p) / (1 + r)` on tensors of the parameter's dtype.
+    from scipy.stats import beta as beta_dist
+
+    steps = 60
+    model = _official_like_model()
+    bma = BetaMovingAverage(model, total_steps=steps, beta=beta, storage="param")
+    dist = beta_dist(beta, beta)
+
+    def weight(t: int) -> float:
+        return dist.pdf((t + 0.5) / (steps + 1))
+
+    snaps = _fp16_trajectory(model, 0)
+    ref = [p.clone() for p in snaps[0]]
+    weight_sum = weight(0)
+    gen = torch.Generator().manual_seed(11)
+    for t in range(1, steps + 1):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_((1e-3 * torch.randn(p.shape, generator=gen)).to(p.dtype))
+        bma.update_parameters(model)
+        r = weight(t) / weight_sum
+        ref = [(a + r * p.detach()) / (1 + r) for a, p in zip(ref, model.parameters())]
+        weight_sum += weight(t)
+    for (name, mine), theirs, p in zip(bma.module.named_parameters(), ref, model.parameters()):
+        assert mine.dtype == p.dtype, name
+        assert torch.equal(mine, theirs), (name, (mine.float() - theirs.float()).abs().max().item())
+
+
+def test_param_storage_rounds_where_fp32_storage_does_not() -> None:
+    # The same fp16 trajectory averaged both ways against the float64 closed form: the fp32
+    # average is accurate to fp32 rounding of the fp16 inputs, the param one carries fp16 rounding.
+    steps = 60
+    model = _official_like_model()
+    fp32 = BetaMovingAverage(model, total_steps=steps, beta=0.5)
+    param = BetaMovingAverage(model, total_steps=steps, beta=0.5, storage="param")
+    snaps = [[p.detach().double().clone() for p in model.parameters()]]
+    gen = torch.Generator().manual_seed(5)
+    for _ in range(steps):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_((1e-3 * torch.randn(p.shape, generator=gen)).to(p.dtype))
+        fp32.update_parameters(model)
+        param.update_parameters(model)
+        snaps.append([p.detach().double().clone() for p in model.parameters()])
+    from tests.reference import beta_alphas
+
+    alphas = beta_alphas(steps, 0.5)
+    exact = [sum(a * s[i] for a, s in zip(alphas, snaps)) / sum(alphas) for i in range(len(snaps[0]))]
+    half_idx = [i for i, p in enumerate(model.parameters()) if p.dtype == torch.float16]
+    for i in half_idx:
+        err_fp32 = (list(fp32.module.parameters())[i].double() - exact[i]).abs().max().item()
+        err_param = (list(param.module.parameters())[i].double() - exact[i]).abs().max().item()
+        assert err_fp32 < 1e-6 < err_param, (i, err_fp32, err_param)
+
+
+def test_storage_is_saved_and_checked_on_load() -> None:
+    model = _official_like_model()
+    param = BetaMovingAverage(model, total_steps=4, storage="param")
+    assert param.module[0].weight.dtype == torch.float16 and param.module[1].weight.dtype == torch.float32
+    assert BetaMovingAverage(model, total_steps=4).module[0].weight.dtype == torch.float32
+    with pytest.raises(ValueError, match="storage"):
+        BetaMovingAverage(model, total_steps=4, storage="fp16")
+    other = BetaMovingAverage(model, total_steps=4)
+    state = param.state_dict()
+    with pytest.raises(ValueError, match="storage=param"):
+        other.load_state_dict(state)
+    again = BetaMovingAverage(model, total_steps=4, storage="param")
+    again.load_state_dict(state)
