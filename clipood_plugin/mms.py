@@ -42,6 +42,7 @@ DEFAULT_LAMBDA = 0.3
 DEFAULT_SCALE = 100.0
 
 Reduction = Literal["mean", "sum", "none"]
+Precision = Literal["fp32", "input"]
 
 
 @runtime_checkable
@@ -70,6 +71,13 @@ class MMSLoss(nn.Module):
         check_inputs: check that labels are in range (one min/max reduction) and that the loss is
             finite, naming non-finite features when it is not. On CUDA each check is a host sync;
             turn them off in a loop that already validated its data.
+        precision: ``"fp32"`` (default): computed in float32 at least, under autocast too.
+            ``"input"``: the official code's arithmetic, for its fp16 numerics
+            (:mod:`clipood_plugin.official`): the text embeddings are kept in the dtype given and
+            normalised in it as ``t / ‖t‖``, and the loss is computed in the image features'
+            dtype (fp16 logits into the cross-entropy), in the official order. Give it the raw
+            fp16 text features (:func:`~clipood_plugin.official.official_text_features`) to match
+            the official trajectory bit for bit.
 
     ``forward(image_features [B, D], target)`` takes image features that need not be normalised
     and either class indices ``[B]`` or dense soft targets ``[B, C]`` (mixup/cutmix, as timm's
@@ -77,7 +85,8 @@ class MMSLoss(nn.Module):
     ``q @ T`` in place of ``T_y``, the linear extension that equals the hard-label loss for
     one-hot ``q``.
 
-    Under bf16/fp16 autocast the loss is computed in float32 (float64 inputs stay float64).
+    Under bf16/fp16 autocast the loss is computed in float32 (float64 inputs stay float64), unless
+    ``precision="input"``.
     The text tower is not involved: ``T`` is a frozen buffer, so only the image tower learns.
     """
 
@@ -94,8 +103,12 @@ class MMSLoss(nn.Module):
         classes: Tensor | Sequence[int] | None = None,
         output_dict: bool = False,
         check_inputs: bool = True,
+        precision: Precision = "fp32",
     ) -> None:
         super().__init__()
+        if precision not in ("fp32", "input"):
+            raise ValueError(f"precision must be 'fp32' or 'input', got {precision!r}")
+        self.precision: Precision = precision
         if isinstance(text_features_or_head, Tensor):
             text = text_features_or_head
             default_scale = DEFAULT_SCALE
@@ -125,9 +138,11 @@ class MMSLoss(nn.Module):
             if idx.unique().numel() != idx.numel():
                 raise ValueError("classes= holds duplicate indices")
             text = text.index_select(0, idx)
-        # Normalise once, in the highest precision we were given (fp32 at least).
-        dtype = torch.promote_types(text.dtype, torch.float32)
-        self.register_buffer("text_features", F.normalize(text.to(dtype), dim=-1), persistent=False)
+        if precision == "input":  # official get_text_features: t /= t.norm() in the text's own dtype
+            normalized = text / text.norm(dim=-1, keepdim=True)
+        else:  # once, in the highest precision we were given (fp32 at least)
+            normalized = F.normalize(text.to(torch.promote_types(text.dtype, torch.float32)), dim=-1)
+        self.register_buffer("text_features", normalized, persistent=False)
 
         scale = default_scale if scale is None else float(scale)
         if not (scale > 0 and scale < float("inf")):
@@ -181,11 +196,15 @@ class MMSLoss(nn.Module):
         return loss
 
     def _loss(self, image_features: Tensor, target: Tensor, soft: bool) -> Tensor:
-        dtype = compute_dtype(image_features.dtype)
+        official = self.precision == "input"
+        dtype = image_features.dtype if official else compute_dtype(image_features.dtype)
         text = self.text_features.to(dtype)
         lam_text = self._lam_text.to(dtype)
         # Official order (engine.py): f̂ = f/‖f‖; f̂ -= λ·T[y]; z = f̂ @ Tᵀ; z = s·z
-        feats = F.normalize(image_features.to(dtype), dim=-1)
+        if official:
+            feats = image_features / image_features.norm(dim=-1, keepdim=True)
+        else:
+            feats = F.normalize(image_features.to(dtype), dim=-1)
         if soft:
             q = target.to(dtype)
             feats = feats.sub_(q @ lam_text)  # target-weighted text vector; = λ·T_y for one-hot q
