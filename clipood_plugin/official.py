@@ -43,7 +43,15 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-__all__ = ["OfficialPrecisionStep", "is_official_precision", "official_text_features", "to_official_precision"]
+__all__ = [
+    "CLIP_MEAN",
+    "CLIP_STD",
+    "OfficialPrecisionStep",
+    "is_official_precision",
+    "official_text_features",
+    "official_transforms",
+    "to_official_precision",
+]
 
 #: The attributes OpenAI CLIP's ``convert_weights`` casts on ``nn.MultiheadAttention``.
 _MHA_TENSORS = ("in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight", "in_proj_bias", "bias_k", "bias_v")
@@ -212,3 +220,35 @@ def official_text_features(model: nn.Module, tokenizer: Any, prompts: list[str],
         return model.encode_text(tokens)
     finally:
         model.train(was_training)
+
+
+#: CLIP's normalisation, which the official transforms use (``converter_domainbed.py`` / ``converter_dassl.py``).
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+def official_transforms(tower: nn.Module | None = None, image_size: int | None = None) -> tuple[Any, Any]:
+    """The official training and evaluation transforms, built from torchvision: ``(train, eval)``.
+
+    Training: ``RandomResizedCrop(size, scale=(0.7, 1.0))`` (default ratio, bilinear),
+    ``RandomHorizontalFlip()``, ``ToTensor()``, CLIP mean/std. Evaluation: ``Resize(size)`` (shorter
+    side, bilinear), ``CenterCrop(size)``, ``ToTensor()``, CLIP mean/std. No colour jitter or
+    grayscale (DomainBed's defaults, which the official README replaces), no bicubic (CLIP's own
+    preprocess). ``size`` is ``image_size`` or the tower's ``image_size`` (open_clip sets it); the
+    mean/std are the tower's ``image_mean`` / ``image_std`` when it has them (CLIP's otherwise), so
+    a model trained with another normalisation keeps it.
+    """
+    from torchvision import transforms as T
+
+    size = image_size
+    if size is None and tower is not None:
+        size = getattr(tower, "image_size", None)
+        size = size[0] if isinstance(size, (tuple, list)) else size
+    if not isinstance(size, int) or size < 1:
+        raise ValueError(f"official_transforms needs an image size: pass image_size= (the tower has {size!r})")
+    mean = tuple(getattr(tower, "image_mean", None) or CLIP_MEAN)
+    std = tuple(getattr(tower, "image_std", None) or CLIP_STD)
+    normalize = T.Normalize(mean, std)
+    train = T.Compose([T.RandomResizedCrop(size, scale=(0.7, 1.0)), T.RandomHorizontalFlip(), T.ToTensor(), normalize])
+    evaluation = T.Compose([T.Resize(size), T.CenterCrop(size), T.ToTensor(), normalize])
+    return train, evaluation

@@ -10,6 +10,11 @@ every epoch, evaluation of the raw and the averaged weights → an atomic checkp
 
 Defaults are the paper's: AdamW (wd 0.1), cosine schedule with no warmup, λ = 0.3, β = 0.5,
 T = the run's optimizer steps, only the image tower trains, and the model's own logit scale.
+
+Two numerics (docs/numerics.md): ``--numerics clean`` (default) keeps fp32 master weights, optional
+autocast and an fp32 BMA, the better way to fine-tune; ``--numerics official`` is the official
+code's run (fp16 weights rounded back after every AdamW step, fp16 MMS logits, the fp16 BMA), the
+way to reproduce the paper's numbers. ``--augment official`` uses the official transforms.
 """
 
 from __future__ import annotations
@@ -37,7 +42,13 @@ from clipood_plugin._logging import no_random_init_warning
 from clipood_plugin.data.balanced import BalancedLoader, make_balanced_loader, parse_domain_urls
 from clipood_plugin.data.stream import TrainLoader, make_eval_loader, make_train_loader
 from clipood_plugin.data.urls import read_json, sibling_url
-from clipood_plugin.templates import get_templates
+from clipood_plugin.official import (
+    OfficialPrecisionStep,
+    official_text_features,
+    official_transforms,
+    to_official_precision,
+)
+from clipood_plugin.templates import clean_classname, get_templates, render_template
 from clipood_plugin.training.checkpoint import CheckpointManager, capture_rng, load_checkpoint, restore_rng
 from clipood_plugin.training.distributed import (
     DistInfo,
@@ -102,6 +113,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--freeze", choices=["text", "text+embeddings"], default="text",
                    help="what stays frozen: the text tower (paper), or also the patch/positional embeddings")
     g.add_argument("--torchcompile", action="store_true", help="torch.compile the image tower")
+    g.add_argument("--numerics", choices=["clean", "official"], default="clean",
+                   help="clean: fp32 master weights, optional --amp, fp32 BMA; official: the official code's "
+                        "fp16 weights rounded back after each AdamW step, fp16 MMS and BMA, no autocast "
+                        "(to reproduce the paper; docs/numerics.md)")
+    g.add_argument("--augment", choices=["open_clip", "official"], default="open_clip",
+                   help="open_clip: the model's own preprocess (bicubic, scale 0.9-1, no flip); official: "
+                        "RandomResizedCrop(scale 0.7-1, bilinear) + flip for training, Resize + CenterCrop for eval")
 
     g = p.add_argument_group("method")
     g.add_argument("--loss", choices=["mms", "ce", "carft"], default="mms",
@@ -318,6 +336,10 @@ def parse_subsets(args: argparse.Namespace, classnames_by_set: dict[str, list[st
 def build_loss(args: argparse.Namespace, model: nn.Module, tower: nn.Module, tokenizer: Any, classnames: list[str],
                head: TextHead, device: torch.device, primary: bool) -> Any:
     """``loss_fn(tower, images, labels)`` for --loss mms | ce | carft (built before any step)."""
+    if args.numerics == "official":  # the official engine.py loss: fp16 logits from the fp16 text features
+        official_mms = MMSLoss(head.official_text, lam=args.mms_lambda,  # type: ignore[attr-defined]
+                               scale=args.mms_scale or float(head.scale), precision="input")
+        return lambda net, images, labels: official_mms(net(images), labels)
     if args.loss == "mms" or (args.loss == "carft" and args.carft_base == "mms"):
         classify: nn.Module = MMSLoss(head, lam=args.mms_lambda, scale=args.mms_scale)
     else:
@@ -333,6 +355,32 @@ def build_loss(args: argparse.Namespace, model: nn.Module, tower: nn.Module, tok
     # the frozen copy of the *pretrained* tower: taken here, before any step or resume
     carft = CARFTLoss(classify, bank, weight=args.carft_weight, pretrained_tower=tower)
     return lambda net, images, labels: carft(net(images), labels, images=images)
+
+
+def check_official_flags(args: argparse.Namespace) -> None:
+    """--numerics official is the official run: refuse what it does not have, rather than mix."""
+    clashes = {"--amp": args.amp != "none", "--warmup-steps": args.warmup_steps > 0,
+               "--clip-grad": args.clip_grad is not None, "--loss ce/carft": args.loss != "mms",
+               "--timm-tower": args.timm_tower is not None, "--ema-decay": args.ema_decay is not None}
+    bad = [flag for flag, clash in clashes.items() if clash]
+    if bad:
+        raise ValueError(f"--numerics official reproduces the official CLIPood step (fp16 weights, MMS, no autocast, "
+                         f"no warmup or clipping); it does not combine with {', '.join(bad)}")
+
+
+def official_head(model: nn.Module, tokenizer: Any, names: list[str], templates: tuple[Any, ...],
+                  device: torch.device, allow_duplicates: bool) -> TextHead:
+    """The official get_text_features (one template, fp16 text tower): the fp16 features ride along
+    as ``head.official_text`` for the fp16 MMS loss; the head itself evaluates in fp32."""
+    if len(templates) != 1:
+        raise ValueError(f"--numerics official uses one prompt template per class, as the official code; "
+                         f"--template gives {len(templates)}")
+    prompts = [render_template(templates[0], clean_classname(n)) for n in names]
+    raw = official_text_features(model, tokenizer, prompts, device)
+    head = TextHead(raw.float(), float(model.logit_scale.exp()), names, templates,
+                    allow_duplicates=allow_duplicates).to(device)
+    head.official_text = raw
+    return head
 
 
 def wise_tower(tower: nn.Module, zero_shot_state: dict[str, torch.Tensor], alpha: float) -> nn.Module:
@@ -401,13 +449,23 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     # -- model, frozen text head, loss -------------------------------------------------------
     model, tower, train_tf, eval_tf, tokenizer = build_model(args, device)
+    if args.augment == "official":
+        train_tf, eval_tf = official_transforms(tower)
+    official = args.numerics == "official"
+    if official:
+        check_official_flags(args)
+        to_official_precision(model)  # the whole CLIP, as clip.load on a GPU: its text side encodes in fp16
     params = freeze_all_but_tower(model, tower, args.freeze)
     classnames = load_classnames(args.classnames, args.train_shards or "::".join(
         parse_domain_urls(args.train_shards_per_domain).values()))
     templates = get_templates(args.template)
-    head = TextHead.from_open_clip(model, tokenizer, classnames, templates, device=device,
-                                   cache_dir=args.cache_dir, progress=primary,
-                                   allow_duplicates=args.allow_duplicate_classnames).to(device)
+    def make_head(names: list[str]) -> TextHead:
+        if official:
+            return official_head(model, tokenizer, names, templates, device, args.allow_duplicate_classnames)
+        return TextHead.from_open_clip(model, tokenizer, names, templates, device=device, cache_dir=args.cache_dir,
+                                       progress=primary, allow_duplicates=args.allow_duplicate_classnames).to(device)
+
+    head = make_head(classnames)
     loss_fn = build_loss(args, model, tower, tokenizer, classnames, head, device, primary)
     zero_shot_state = {k: v.detach().to("cpu", copy=True) for k, v in tower.state_dict().items()} \
         if args.wise_alpha is not None else None
@@ -420,20 +478,23 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     total_steps = args.total_steps or args.epochs * steps_per_epoch
     epochs = math.ceil(total_steps / steps_per_epoch)
     eval_sets = parse_eval_sets(args, classnames)
-    eval_heads = {name: head if names == classnames else
-                  TextHead.from_open_clip(model, tokenizer, names, templates, device=device,
-                                          cache_dir=args.cache_dir, progress=primary,
-                                          allow_duplicates=args.allow_duplicate_classnames).to(device)
-                  for name, _, names in eval_sets}
+    eval_heads = {name: head if names == classnames else make_head(names) for name, _, names in eval_sets}
     subsets = parse_subsets(args, {name: names for name, _, names in eval_sets})
     base_classes = torch.tensor([int(i) for i in args.base_classes.split(",")]) if args.base_classes else None
 
-    # -- optimisation: AdamW over the tower, cosine per step, fp32 master weights ----------
+    # -- optimisation: AdamW over the tower, cosine per step; fp32 master weights (clean) or the
+    #    official fp32-cast / step / fp16-round-back (official), where the scheduler is torch's
+    #    CosineAnnealingLR as in the official main.py
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
-    scheduler = cosine_with_warmup(optimizer, total_steps, args.warmup_steps)
+    if official:
+        scheduler: Any = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, total_steps)
+    else:
+        scheduler = cosine_with_warmup(optimizer, total_steps, args.warmup_steps)
     amp_dtype = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.amp]
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype is torch.float16)
-    bma = None if args.no_bma else BetaMovingAverage(tower, total_steps=total_steps, beta=args.bma_beta)
+    stepper = OfficialPrecisionStep(optimizer, tower) if official else None
+    bma = None if args.no_bma else BetaMovingAverage(tower, total_steps=total_steps, beta=args.bma_beta,
+                                                     storage="param" if official else "fp32")
     ema = None
     if args.ema_decay is not None:
         from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
@@ -530,8 +591,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 if args.clip_grad is not None:
                     scaler.unscale_(optimizer)
                     torch.nn.utils.clip_grad_norm_(params, args.clip_grad)
-                scaler.step(optimizer)
-                scaler.update()
+                if stepper is not None:
+                    stepper.step()  # fp32 cast, AdamW, round back to fp16
+                else:
+                    scaler.step(optimizer)
+                    scaler.update()
                 optimizer.zero_grad(set_to_none=True)
                 scheduler.step()
                 step += 1

@@ -244,3 +244,40 @@ def test_help_documents_every_flag() -> None:
                 "--amp", "--grad-accum", "--clip-grad", "--workers", "--seed", "--resume", "--allow-pipe"]
     for flag in required:
         assert flag in help_text, flag
+
+
+def test_official_numerics_train_in_fp16_and_freeze_large_weights(shards: Path, tmp_path: Path) -> None:
+    # An AdamW step is at most lr·(1-β1)/√(1-β2) ≈ 3.16·lr (Kingma & Ba §2.1): at lr 5e-6 that is
+    # under half an fp16 ulp (2^-15) for every |w| ≥ 2^-4, so those weights must come out exactly as
+    # they went in, while the fp32 LayerNorms train (the official run's signature; its typical
+    # step ≈ lr already freezes |w| ≥ 2^-6, see test_official.py).
+    import open_clip
+
+    from clipood_plugin.official import to_official_precision
+    from clipood_plugin.training.checkpoint import load_checkpoint
+    from clipood_plugin.world.tiny_clip import register_model_config
+
+    out = tmp_path / "official"
+    args = base_args(shards, out, "--total-steps", "4", "--numerics", "official", "--augment", "official",
+                     "--no-eval-zero-shot")
+    args[args.index("--lr") + 1] = "5e-6"
+    proc = run(args)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    state = load_checkpoint(out / "checkpoints" / "last.pt")
+    trained, average = state["state_dict"], state["state_dict_ema"]
+    assert trained["conv1.weight"].dtype == torch.float16 and trained["ln_pre.weight"].dtype == torch.float32
+    assert average["conv1.weight"].dtype == torch.float16  # the BMA kept in the parameters' dtype
+    register_model_config()
+    torch.manual_seed(0)
+    start = to_official_precision(open_clip.create_model("clipood-tiny", pretrained=None)).visual.state_dict()
+    for name, value in trained.items():
+        if value.dtype == torch.float16:
+            big = start[name].float().abs() >= 2**-4
+            assert torch.equal(value[big], start[name][big]), name
+    assert not torch.equal(trained["ln_post.weight"], start["ln_post.weight"])
+    assert "official" in (out / "args.yaml").read_text()
+
+
+def test_official_numerics_refuse_what_the_official_run_lacks(shards: Path, tmp_path: Path) -> None:
+    proc = run(base_args(shards, tmp_path / "bad", "--total-steps", "2", "--numerics", "official", "--amp", "bf16"))
+    assert proc.returncode != 0 and "--amp" in proc.stderr and "official" in proc.stderr
