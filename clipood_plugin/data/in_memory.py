@@ -9,8 +9,9 @@ a batch covers a fraction of the classes; and its batches run on across pass bou
 batch can hold the same image twice. Measured on a 50-class, 16-shot set in 16 class-grouped
 shards with 2 workers: about 20 distinct classes per batch of 36 where a uniform draw gives 26.
 
-Here the set is read once and kept as its encoded bytes (a few MB for a few-shot set), and each
-batch is drawn by index, whatever the shard layout and worker count. The pipeline:
+Here the set is read once and kept as its encoded bytes (tens of MB for a base-to-new set, about
+2 GB for 16-shot ImageNet), and each batch is drawn by index, whatever the shard layout and
+worker count. The pipeline:
 
 Once, in the main process, when the loader is built:
 
@@ -20,9 +21,9 @@ Once, in the main process, when the loader is built:
 3. the stream's decode stage on every sample: an undecodable image or label is a counted skip
    and the sample is dropped, so a later batch never meets it; the stream's label check: a
    label outside ``[0, num_classes)`` raises ValueError naming shard and key;
-4. the encoded image bytes kept in one uint8 tensor (shared with workers, not copied: forked
-   workers inherit it, spawned ones receive it through torch's shared memory), with offsets,
-   labels and domains.
+4. the encoded image bytes kept in one uint8 tensor, shared with the workers rather than copied
+   to each (forked workers inherit it, spawned ones receive it through torch's shared memory),
+   with offsets, labels and domains.
 
 Per batch, in the main process (the batch sampler): global batch ``g = epoch × steps_per_epoch
 + i``; pass ``p = g // P`` with ``P = ⌊N / (batch_size × world_size)⌋`` full global batches per
@@ -33,9 +34,11 @@ batch, so the ranks stay in step and together partition it.
 
 Per sample, in the DataLoader workers (a map-style dataset):
 
-5. the stream's decode (bytes → RGB PIL image) and ``transform``, with torch's and Python's RNG
+5. the stream's decode (bytes → RGB PIL image; these bytes decoded once already, so a failure
+   here is an error, not a skip) and ``transform``, with torch's and Python's RNG
    seeded from ``(seed, pass, position in the pass)`` for the call and restored after, so the
-   augmentation is a function of the run's seed, not of the worker count or of a resume;
+   augmentation is a function of the run's seed, not of the worker count or of a resume
+   (numpy's global RNG is not seeded: a transform drawing from it varies with the worker);
 6. collate into ``(images [B, ...], labels int64 [B][, domains list[str]])``.
 
 With ``steps_per_epoch=None`` an epoch is one pass (``P`` steps); with a fixed count (the
