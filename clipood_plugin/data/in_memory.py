@@ -42,8 +42,8 @@ Per sample, in the DataLoader workers (a map-style dataset):
 6. collate into ``(images [B, ...], labels int64 [B][, domains list[str]])``.
 
 With ``steps_per_epoch=None`` an epoch is one pass (``P`` steps); with a fixed count (the
-official 500-iteration "epoch") the passes simply continue across epochs, as the official
-``ForeverDataIterator`` does. Either way the batches of epoch e are a pure function of
+official 500-iteration "epoch") the passes simply continue across epochs, as they do in the
+official loader, which is cycled forever. Either way the batches of epoch e are a pure function of
 ``(seed, e)``, so replaying an epoch from its start (the recipe's mid-epoch resume) reproduces
 them exactly.
 
