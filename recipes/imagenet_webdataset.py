@@ -40,6 +40,12 @@ from torch import nn
 from clipood_plugin import BetaMovingAverage, MMSLoss, TextHead
 from clipood_plugin._logging import no_random_init_warning
 from clipood_plugin.data.balanced import BalancedLoader, make_balanced_loader, parse_domain_urls
+from clipood_plugin.data.in_memory import (
+    AUTO_MAX_SAMPLES,
+    InMemoryLoader,
+    make_in_memory_loader,
+    use_in_memory,
+)
 from clipood_plugin.data.stream import TrainLoader, make_eval_loader, make_train_loader
 from clipood_plugin.data.urls import read_json, sibling_url
 from clipood_plugin.official import (
@@ -99,6 +105,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="comma-separated base class indices: eval reports base, new and harmonic mean")
     g.add_argument("--resampled", action="store_true", help="sample shards with replacement (infinite stream)")
     g.add_argument("--shuffle-buffer", type=int, default=2000, help="sample shuffle buffer per worker")
+    g.add_argument("--in-memory", choices=["auto", "on", "off"], default="auto",
+                   help="hold --train-shards in memory and draw every batch uniformly from the whole set, as the "
+                        f"official few-shot loader does (auto: sets of at most {AUTO_MAX_SAMPLES} samples per sizes.json)")
     g.add_argument("--workers", type=int, default=2, help="data-loading worker processes per rank")
     g.add_argument("--allow-pipe", action="store_true", help="allow pipe: URLs (they run shell commands)")
 
@@ -202,18 +211,29 @@ def load_classnames(spec: str | None, shards: str) -> list[str]:
 
 
 def train_data(args: argparse.Namespace, transform: Any, num_classes: int,
-               dist_info: DistInfo) -> TrainLoader | BalancedLoader:
+               dist_info: DistInfo) -> TrainLoader | BalancedLoader | InMemoryLoader:
     """The training stream: one shuffled stream (--train-shards) or balanced per-domain batches
     (--train-shards-per-domain). --iters-per-epoch fixes the batches per epoch of either; one stream
-    with a fixed count is the one-domain case of the balanced loader."""
+    with a fixed count is the one-domain case of the balanced loader. A small --train-shards set
+    (--in-memory) is read once and every batch drawn uniformly from all of it."""
     common = dict(transform=transform, num_classes=num_classes, workers=args.workers, world_size=dist_info.world_size,
                   rank=dist_info.rank, seed=args.seed, resampled=args.resampled, shuffle_buffer=args.shuffle_buffer,
                   allow_pipe=args.allow_pipe)
     per_domain = parse_domain_urls(args.train_shards_per_domain)
     if per_domain and args.train_shards:
         raise ValueError("give --train-shards or --train-shards-per-domain, not both")
+    if per_domain and args.in_memory == "on":
+        raise ValueError("--in-memory on applies to --train-shards; per-domain batches keep their streams")
     if per_domain and args.train_num_samples is not None:
         raise ValueError("--train-num-samples does not apply to --train-shards-per-domain (use --iters-per-epoch)")
+    if not per_domain and use_in_memory(args.in_memory, args.train_shards, resampled=args.resampled,
+                                        num_samples=args.train_num_samples):
+        train = make_in_memory_loader(args.train_shards, batch_size=args.batch_size, steps_per_epoch=args.iters_per_epoch,
+                                      **{k: v for k, v in common.items() if k not in ("resampled", "shuffle_buffer")})
+        if dist_info.is_primary:
+            print(f"training set in memory: {train.num_samples} samples ({train.num_bytes / 2**20:.1f} MB), every batch "
+                  "a uniform draw from all of them", file=sys.stderr)
+        return train
     if per_domain or args.iters_per_epoch is not None:
         return make_balanced_loader(per_domain or {"train": args.train_shards}, batch_per_domain=args.batch_size,
                                     steps_per_epoch=args.iters_per_epoch, **common)

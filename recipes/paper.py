@@ -19,7 +19,10 @@ One command, top to bottom:
 3. **Train.** Run the streaming recipe (``recipes/imagenet_webdataset.py``) once per target with the
    table's YAML (``recipes/configs/table<N>_<dataset>.yaml``): in this process by default, or as a
    subprocess under ``--launcher`` (e.g. ``torchrun``). Each run resumes (``--resume auto``) if it
-   was interrupted and is skipped if its ``results.json`` is complete.
+   was interrupted and is skipped if its ``results.json`` is complete. A few-shot training set
+   (Tables 2 and 3) runs with ``--in-memory on``: read once, every batch a uniform draw from all
+   of it, as the official shuffled DataLoader draws them (a stream over shards would mix only
+   within each worker's shards).
 4. **Report.** Read each run's ``results.json``, print the table row beside the paper's numbers
    (``recipes/configs/paper_numbers.yaml``) and write it to ``<output>/table<N>_<dataset>.json``.
 
@@ -41,6 +44,7 @@ import json
 import logging
 import math
 import os
+import random
 import re
 import shlex
 import shutil
@@ -459,6 +463,15 @@ def _read_split_json(path: Path, image_dir: Path) -> tuple[list[ImageRecord], li
     return parts["train"], parts["val"], parts["test"], names, unique_keys(names)
 
 
+def shuffled(records: Sequence[ImageRecord], label: str) -> list[ImageRecord]:
+    """``records`` in a fixed pseudo-random order (seeded by ``label``), so shards do not come class
+    after class. The recipe reads few-shot sets into memory and draws its own order, so this only
+    matters to a stream (``-- --in-memory off``), whose workers read disjoint shards."""
+    out = list(records)
+    random.Random(f"clipood-paper-shards/{label}").shuffle(out)
+    return out
+
+
 def plan_base_to_new(args: argparse.Namespace, dataset: Dataset, folder: Path, cache: ShardCache) -> list[RunPlan]:
     """Table 3: 16 shots of the base classes; base and new test sets, each among its own names."""
     train, val, test, names, keys = read_coop(dataset, folder)
@@ -468,7 +481,8 @@ def plan_base_to_new(args: argparse.Namespace, dataset: Dataset, folder: Path, c
     prompts = prompt_names(names, args.rename_duplicate_classnames)
     base_keys, new_keys = [keys[i] for i in base], [keys[i] for i in new]
     base_names, new_names = cache.names([prompts[i] for i in base]), cache.names([prompts[i] for i in new])
-    train_set = cache.shards(f"b2n-train-{args.shots}shot-seed{args.seed}", split["train"], base_keys)
+    label = f"b2n-train-{args.shots}shot-seed{args.seed}"
+    train_set = cache.shards(label, shuffled(split["train"], label), base_keys)
     evals: dict[str, tuple[str, Path]] = {}
     if "val" in split:
         evals["val"] = (cache.shards(f"b2n-val-seed{args.seed}", split["val"], base_keys).urls, base_names)
@@ -498,7 +512,8 @@ def plan_imagenet(args: argparse.Namespace, dataset: Dataset, root: Path, folder
         subset_variants={n: subset_records(dirs[n], wnids, names) for n in ("imagenet_a", "imagenet_r")},
     )
     all_names = cache.names(prompt_names(names, args.rename_duplicate_classnames))
-    train_set = cache.shards(f"imagenet-train-{args.shots}shot-seed{args.seed}", split["train"], wnids)
+    label = f"imagenet-train-{args.shots}shot-seed{args.seed}"
+    train_set = cache.shards(label, shuffled(split["train"], label), wnids)
     evals: dict[str, tuple[str, Path]] = {}
     counts: dict[str, int] = {}
     for part, eval_name in (("test", "imagenet"), ("imagenet_v2", "imagenet_v2"),
@@ -542,8 +557,8 @@ def recipe_argv(config: Path, plan: RunPlan, run_dir: Path, seed: int, extra: Se
     if isinstance(plan.train, dict):
         for domain, shard_set in plan.train.items():
             argv += ["--train-shards-per-domain", f"{domain}={shard_set.urls}"]
-    else:
-        argv += ["--train-shards", plan.train.urls]
+    else:  # a few-shot set (Tables 2, 3): uniform batches from all of it, as the official loader
+        argv += ["--train-shards", plan.train.urls, "--in-memory", "on"]
     for name, (urls, names) in plan.evals.items():
         argv += ["--eval-shards", f"{name}={urls}|{names}"]
     for name, indices in plan.subsets.items():

@@ -438,3 +438,53 @@ def test_launcher_runs_the_recipe_as_a_subprocess(runs: DryRuns, monkeypatch: py
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(RuntimeError, match="--launcher 'torchrun"):
         paper.main(argv)
+
+
+# ---------------------------------------------------------------------------------------------
+# Few-shot batches, from the outside: paper.py's shards, the recipe's own loader
+
+
+def test_few_shot_batches_from_the_driver_are_uniform_draws(tmp_path: Path) -> None:
+    """Table 3 on a 100-class Caltech101 tree: the recipe's batches of 36 over the 50 base classes'
+    16 shots hit as many classes as a uniform draw does, repeat no image, and take whole passes."""
+    classes, shots, batch = 100, 16, 36
+    folder = tmp_path / "data" / "caltech-101"
+    entries: dict[str, list] = {"train": [], "val": [], "test": []}
+    for label in range(classes):
+        for split, n in (("train", shots + 1), ("val", 1), ("test", 1)):
+            for i in range(n):
+                rel = f"c{label:03d}/{split}_{i}.png"  # red = class, green = image: a batch names its samples
+                path = folder / "101_ObjectCategories" / rel
+                path.parent.mkdir(parents=True, exist_ok=True)
+                Image.new("RGB", (8, 8), (label, i + 100 * (split != "train"), 0)).save(path)
+                entries[split].append([rel, label, f"class {label}"])
+    (folder / "split_zhou_Caltech101.json").write_text(json.dumps(entries))
+    paper.main(["--table", "3", "--dataset", "Caltech101", "--data-root", str(tmp_path / "data"), "--output",
+                str(tmp_path / "out"), "--dry-run", "--convert-workers", "1", "--no-progress"])
+    (run_dir,) = run_dirs({"out": tmp_path / "out"}, 3, "Caltech101")
+    argv = argv_of(run_dir)
+    assert flag_values(argv, "--in-memory") == ["on"]
+    first_shard = sorted(Path(flag_values(argv, "--train-shards")[0]).glob("*.tar"))[0]
+    assert len({y for _, y, _ in read_shards(str(first_shard.parent))[:50]}) > 20  # shuffled before sharding
+
+    recipe = paper.load_recipe()  # the recipe's own loader, with its defaults (2 workers) and batch 36
+    args = recipe.parse_args([*argv, "--workers", "2", "--batch-size", str(batch), "--iters-per-epoch", "68"])
+
+    def ids(images: torch.Tensor) -> list[int]:
+        return (images[:, 0, 0, 0] * 1000 + images[:, 1, 0, 0]).tolist()
+
+    to_tensor = lambda img: torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1).long()  # noqa: E731
+    train = recipe.train_data(args, to_tensor, classes // 2, recipe.DistInfo())
+    got = []
+    for images, labels in train:
+        assert (labels == images[:, 0, 0, 0]).all()  # base classes are the first 50: label = class
+        got.append(ids(images))
+    assert len(got) == 68 and all(len(set(b)) == batch for b in got)  # no image twice in a batch
+    per_pass = classes // 2 * shots // batch  # 22 full batches per pass
+    for p in range(68 // per_pass):
+        seen = [i for b in got[p * per_pass:(p + 1) * per_pass] for i in b]
+        assert len(set(seen)) == len(seen)  # no batch straddles two passes
+    n, m = classes // 2 * shots, shots  # a uniform draw of 36 from 50 × 16 misses a class w.p. C(n−m, 36)/C(n, 36)
+    expected = classes // 2 * (1 - math.comb(n - m, batch) / math.comb(n, batch))  # 26.24
+    mean = sum(len({i // 1000 for i in b}) for b in got) / len(got)
+    assert mean == pytest.approx(expected, rel=0.05)

@@ -4,6 +4,8 @@
   (ImageFolder, CSV and DomainBed sources).
 - :mod:`clipood_plugin.data.stream` — :func:`make_train_loader` / :func:`make_eval_loader`, the
   open_clip-order pipeline built from webdataset's stages.
+- :mod:`clipood_plugin.data.in_memory` — :func:`make_in_memory_loader`, uniform batches from a small
+  set read once into memory (few-shot training, as the official DataLoader draws them).
 - :mod:`clipood_plugin.data.urls` — brace expansion, the ``pipe:`` policy and fsspec openers.
 
 Names are imported on first use: the shard writer needs neither torch nor webdataset, so the CLI
@@ -16,11 +18,14 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from clipood_plugin.data.in_memory import InMemoryLoader, make_in_memory_loader
     from clipood_plugin.data.make_shards import ShardSetInfo, write_shards
     from clipood_plugin.data.stream import EvalLoader, TrainLoader, make_eval_loader, make_train_loader
     from clipood_plugin.data.urls import check_url, expand_urls, register_fsspec_handlers
 
 _PUBLIC = {
+    "InMemoryLoader": "clipood_plugin.data.in_memory",
+    "make_in_memory_loader": "clipood_plugin.data.in_memory",
     "ShardSetInfo": "clipood_plugin.data.make_shards",
     "write_shards": "clipood_plugin.data.make_shards",
     "EvalLoader": "clipood_plugin.data.stream",
@@ -34,11 +39,13 @@ _PUBLIC = {
 
 __all__ = [
     "EvalLoader",
+    "InMemoryLoader",
     "ShardSetInfo",
     "TrainLoader",
     "check_url",
     "expand_urls",
     "make_eval_loader",
+    "make_in_memory_loader",
     "make_train_loader",
     "register_fsspec_handlers",
     "write_shards",
