@@ -93,13 +93,13 @@ def official_rule(averaged: list[torch.Tensor], current: list[torch.Tensor], r: 
         avg.data = (avg.data + r * cur.data) / (1 + r)
 
 
-def bench_bma(tower: nn.Module, device: torch.device, rounds: int) -> dict[str, float]:
+def bench_bma(tower: nn.Module, device: torch.device, rounds: int, storage: str = "fp32") -> dict[str, float]:
     from timm.utils import ModelEmaV3
     from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
     tower = tower.to(device)
     total = 10_000
-    bma = BetaMovingAverage(tower, total_steps=total, beta=0.5)
+    bma = BetaMovingAverage(tower, total_steps=total, beta=0.5, storage=storage)
     ema_torch = AveragedModel(tower, multi_avg_fn=get_ema_multi_avg_fn(0.999))
     ema_torch.update_parameters(tower)  # the first call only copies
     ema_timm = ModelEmaV3(tower, decay=0.999)
@@ -138,6 +138,9 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--quick", action="store_true", help="small tower and few rounds (smoke run)")
     parser.add_argument("--write", action="store_true", help=f"append the results to {RESULTS.name}")
+    parser.add_argument("--dtype", choices=["fp32", "bf16", "official"], default="fp32",
+                        help="the tower's weights: fp32, bf16, or the official fp16 precision (BMA storage='param')")
+    parser.add_argument("--json", default=None, help="also write the rows here")
     args = parser.parse_args()
     device = torch.device(args.device)
     console = Console()
@@ -155,10 +158,16 @@ def main() -> None:
 
     name = "ViT-S-16" if args.quick else "ViT-B-16"
     tower = open_clip.create_model(name, pretrained=None).visual
+    if args.dtype == "bf16":
+        tower = tower.to(torch.bfloat16)
+    elif args.dtype == "official":
+        from clipood_plugin.official import to_official_precision
+
+        tower = to_official_precision(tower)
     n_params = sum(p.numel() for p in tower.parameters())
-    t = bench_bma(tower, device, rounds=3 if args.quick else 9)
+    t = bench_bma(tower, device, rounds=3 if args.quick else 9, storage="param" if args.dtype == "official" else "fp32")
     floor = t["foreach_lerp_ floor"]
-    label = f"{name} image tower ({n_params / 1e6:.1f}M params), one update"
+    label = f"{name} image tower ({n_params / 1e6:.1f}M params, {args.dtype} weights), one update"
     for method in ("BetaMovingAverage", "AveragedModel+EMA", "timm ModelEmaV3", "official rule"):
         target = {"BetaMovingAverage": "≤ 1.15", "official rule": "> BMA"}.get(method, "")
         rows.append((f"{method}: {label}", "foreach_lerp_ floor", t[method] * 1e6, t[method] / floor, target))
@@ -170,6 +179,10 @@ def main() -> None:
     for case, base, micros, ratio, target in rows:
         table.add_row(case, base, f"{micros:,.0f}" if micros else "", f"{ratio:.3f}×", target)
     console.print(table)
+    if args.json:
+        import json
+
+        Path(args.json).write_text(json.dumps({"device": device_name(device), "dtype": args.dtype, "rows": rows}, indent=2))
 
     if args.write:
         lines = [

@@ -18,12 +18,14 @@ from __future__ import annotations
 
 import argparse
 import io
+import json
 import os
 import platform
 import statistics
 import tarfile
 import tempfile
 import time
+from collections.abc import Callable
 from datetime import date
 from pathlib import Path
 
@@ -92,44 +94,75 @@ def bench_loader(pattern: str, transform, rounds: int) -> dict[str, float]:  # t
     return {k: statistics.median(v) for k, v in rates.items()}
 
 
-def bench_step(model_name: str, batch: int, rounds: int) -> dict[str, float]:
+def bench_step(model_name: str, batch: int, rounds: int, device: str = "cpu", numerics: str = "clean",
+               amp: str = "none") -> dict[str, float]:
+    """Median seconds per optimizer step: plain CE on the frozen head against MMS + BMA, interleaved.
+
+    ``numerics="clean"``: fp32 weights, autocast to ``amp`` (none or bf16), the fp32 BMA.
+    ``numerics="official"``: both towers in the official fp16 precision (``to_official_precision``,
+    ``OfficialPrecisionStep``), fp16 losses and the fp16 ``storage="param"`` BMA, no autocast.
+    """
     import open_clip
 
+    from clipood_plugin.official import OfficialPrecisionStep, to_official_precision
+
+    dev = torch.device(device)
+    official = numerics == "official"
+    if model_name.startswith("clipood-tiny"):  # the embedded world's tiny CLIP (gpu_suite's CPU dry run)
+        from clipood_plugin.world.tiny_clip import register_model_config
+
+        register_model_config()
     torch.manual_seed(0)
     model = open_clip.create_model(model_name, pretrained=None)
     size = model.visual.image_size
     size = size[0] if isinstance(size, tuple) else size
-    head = TextHead(F.normalize(torch.randn(1000, model.text_projection.shape[1]), dim=-1), scale=100.0)
-    images = torch.randn(batch, 3, size, size)
-    labels = torch.randint(0, 1000, (batch,))
+    text = F.normalize(torch.randn(1000, model.text_projection.shape[1]), dim=-1).to(dev)
+    head = TextHead(text, scale=100.0)
+    images = torch.randn(batch, 3, size, size, device=dev)
+    labels = torch.randint(0, 1000, (batch,), device=dev)
     towers = {name: open_clip.create_model(model_name, pretrained=None).visual for name in ("ce", "clipood")}
     for tower in towers.values():
         tower.load_state_dict(model.visual.state_dict())
+        tower.to(dev)
+        if official:
+            to_official_precision(tower)
     opt = {name: torch.optim.AdamW(t.parameters(), lr=1e-5, weight_decay=0.1) for name, t in towers.items()}
-    mms = MMSLoss(head)
-    bma = BetaMovingAverage(towers["clipood"], total_steps=10_000)
+    steppers = {name: OfficialPrecisionStep(o, towers[name]).step if official else o.step for name, o in opt.items()}
+    mms = MMSLoss(text.half(), scale=100.0, precision="input") if official else MMSLoss(head)
+    ce_logits = (lambda f: 100.0 * (f / f.norm(dim=-1, keepdim=True)) @ text.half().T) if official else head
+    bma = BetaMovingAverage(towers["clipood"], total_steps=10_000, storage="param" if official else "fp32")
+    autocast = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=amp == "bf16")
 
     def ce_step() -> None:
-        loss = F.cross_entropy(head(towers["ce"](images)), labels)
+        with autocast:
+            loss = F.cross_entropy(ce_logits(towers["ce"](images)), labels)
         opt["ce"].zero_grad(set_to_none=True)
         loss.backward()
-        opt["ce"].step()
+        steppers["ce"]()
 
     def clipood_step() -> None:
-        loss = mms(towers["clipood"](images), labels)
+        with autocast:
+            loss = mms(towers["clipood"](images), labels)
         opt["clipood"].zero_grad(set_to_none=True)
         loss.backward()
-        opt["clipood"].step()
+        steppers["clipood"]()
         bma.update_parameters(towers["clipood"])
+
+    def timed(fn: Callable[[], None]) -> float:
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+        start = time.perf_counter()
+        fn()
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+        return time.perf_counter() - start
 
     ce_step(), clipood_step()  # warm-up
     times: dict[str, list[float]] = {"plain CE step": [], "CLIPood step (MMS + BMA)": []}
     for r in range(rounds):
         pair = [("plain CE step", ce_step), ("CLIPood step (MMS + BMA)", clipood_step)]
         for name, fn in pair if r % 2 == 0 else reversed(pair):
-            start = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - start)
+            times[name].append(timed(fn))
     return {k: statistics.median(v) for k, v in times.items()}
 
 
@@ -137,24 +170,40 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--write", action="store_true")
+    parser.add_argument("--device", default="cpu", help="where the step benchmark runs (the loader is CPU work)")
+    parser.add_argument("--numerics", choices=["clean", "official"], default="clean")
+    parser.add_argument("--amp", choices=["none", "bf16"], default="none", help="autocast (clean numerics only)")
+    parser.add_argument("--batch", type=int, default=8, help="step benchmark batch size")
+    parser.add_argument("--model", default=None, help="open_clip model (default ViT-B-16, ViT-S-16 with --quick)")
+    parser.add_argument("--skip-loader", action="store_true", help="only the step benchmark")
+    parser.add_argument("--json", default=None, help="also write the rows here")
     args = parser.parse_args()
+    if args.numerics == "official" and args.amp != "none":
+        parser.error("official numerics run without autocast")
     import torchvision.transforms as T
 
     transform = T.Compose([T.RandomResizedCrop(112, scale=(0.7, 1.0)), T.RandomHorizontalFlip(), T.ToTensor()])
     machine = f"{platform.machine()} CPU, {os.cpu_count()} cores, torch {torch.__version__}"
+    if args.device.startswith("cuda"):
+        machine += f"; step on {torch.cuda.get_device_name(torch.device(args.device))}"
     rows = []
-    with tempfile.TemporaryDirectory() as tmp:
-        pattern = make_shards(Path(tmp), 240 if args.quick else 1200, 128)
-        loader = bench_loader(pattern, transform, rounds=2 if args.quick else 3)
-    bare = loader["bare decode+transform (1 process)"]
-    for name, rate in loader.items():
-        rows.append(("loader", name, f"{rate:,.0f} samples/s", f"{rate / bare:.2f}×", ""))
-    model_name = "ViT-S-16" if args.quick else "ViT-B-16"
-    step = bench_step(model_name, batch=8, rounds=3 if args.quick else 7)
+    if not args.skip_loader:
+        with tempfile.TemporaryDirectory() as tmp:
+            pattern = make_shards(Path(tmp), 240 if args.quick else 1200, 128)
+            loader = bench_loader(pattern, transform, rounds=2 if args.quick else 3)
+        bare = loader["bare decode+transform (1 process)"]
+        for name, rate in loader.items():
+            rows.append(("loader", name, f"{rate:,.0f} samples/s", f"{rate / bare:.2f}×", ""))
+    model_name = args.model or ("ViT-S-16" if args.quick else "ViT-B-16")
+    step = bench_step(model_name, batch=args.batch, rounds=3 if args.quick else 7, device=args.device,
+                      numerics=args.numerics, amp=args.amp)
     ce = step["plain CE step"]
+    mode = f"{args.numerics} numerics" + (f", {args.amp}" if args.amp != "none" else "")
     for name, seconds in step.items():
-        rows.append((f"{model_name} step, batch 8", name, f"{seconds * 1e3:,.0f} ms", f"{seconds / ce:.3f}×",
-                     "≤ 1.03" if "CLIPood" in name else ""))
+        rows.append((f"{model_name} step, batch {args.batch}, {mode}", name, f"{seconds * 1e3:,.1f} ms",
+                     f"{seconds / ce:.3f}×", "≤ 1.03" if "CLIPood" in name else ""))
+    if args.json:
+        Path(args.json).write_text(json.dumps({"machine": machine, "rows": rows}, indent=2))
 
     table = Table(title=f"bench_recipe on {machine}")
     for col in ("what", "case", "measure", "ratio to first row", "target"):

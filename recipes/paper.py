@@ -673,8 +673,19 @@ def summarize(table: int, dataset: Dataset, plans: list[RunPlan], results: list[
     return rows
 
 
-def print_table(table: int, dataset: Dataset, rows: list[Row], note: str) -> None:
-    """ZS: zero-shot weights; FT last: the raw fine-tuned weights at the end; CLIPood: the BMA weights."""
+def run_numerics(run_dirs: list[Path]) -> str:
+    """Which numerics and augmentation produced the runs, read back from each run's args.yaml."""
+    modes = set()
+    for run_dir in run_dirs:
+        saved = yaml.safe_load((run_dir / "args.yaml").read_text()) if (run_dir / "args.yaml").is_file() else {}
+        modes.add(f"{saved.get('numerics', 'clean')} numerics, {saved.get('augment', 'open_clip')} augment"
+                  + (f", amp {saved['amp']}" if saved.get("amp", "none") != "none" else ""))
+    return " | ".join(sorted(modes)) or "unknown"
+
+
+def print_table(table: int, dataset: Dataset, rows: list[Row], note: str, numerics: str) -> None:
+    """ZS: zero-shot weights; FT last: the raw fine-tuned weights at the end; CLIPood: the BMA weights;
+    numerics: the training numerics and augmentation that produced the row (official or clean)."""
     from rich.console import Console
     from rich.table import Table
 
@@ -686,11 +697,12 @@ def print_table(table: int, dataset: Dataset, rows: list[Row], note: str) -> Non
     out.add_column("metric")
     for title in ("ZS", "ZS paper", "FT last", "CLIPood", "CLIPood paper", "Δ"):
         out.add_column(title, justify="right")
+    out.add_column("numerics")
     for r in rows:
         ours, ref = r.ours.get("clipood"), r.paper.get("clipood")
         delta = "–" if ours is None or ref is None else f"{ours - ref:+.1f}"
         out.add_row(r.label, r.metric, fmt(r.ours.get("zero_shot")), fmt(r.paper.get("zero_shot")),
-                    fmt(r.ours.get("fine_tuned")), fmt(ours), fmt(ref), delta)
+                    fmt(r.ours.get("fine_tuned")), fmt(ours), fmt(ref), delta, numerics)
     Console().print(out)
 
 
@@ -803,8 +815,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     suffix = "-dry-run" if args.dry_run else ""
     base_dir = args.output / f"table{table}" / f"{dataset.name}{suffix}"
     results = []
+    run_dirs = []
     for plan in plans:
         run_dir = base_dir / _safe(plan.name) if table in (1, 4) else base_dir
+        run_dirs.append(run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
         run_config = config
         if args.dry_run:  # the table's YAML with the tiny model and two steps
@@ -829,13 +843,15 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     numbers = yaml.safe_load(PAPER_NUMBERS.read_text())
     all_targets = table not in (1, 4) or len(plans) == len(dataset.domains)
     rows = summarize(table, dataset, plans, results, numbers, all_targets)
+    numerics = run_numerics(run_dirs)
     notes = [f"config {config.name}"]
     if args.dry_run:
         notes.append("DRY RUN: tiny random-init CLIP, a few steps; the numbers mean nothing")
     if table == 1 and args.test_split != "out":
         notes.append(f"tested on the target's '{args.test_split}' split; the paper's numbers use 'out'")
-    print_table(table, dataset, rows, "; ".join(notes))
+    print_table(table, dataset, rows, "; ".join(notes), numerics)
     summary = {"table": table, "dataset": dataset.name, "dry_run": args.dry_run, "config": str(config),
+               "numerics": numerics,
                "paper_source": numbers.get(f"table{table}", {}).get("source"),
                "targets": [p.name for p in plans],
                "rows": [{"label": r.label, "metric": r.metric, "ours": r.ours, "paper": r.paper} for r in rows]}

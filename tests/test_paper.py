@@ -399,6 +399,7 @@ def test_every_config_dry_runs(runs: DryRuns, table: int, name: str) -> None:
     run = runs[(table, name)]
     summary = run["summary"]
     assert summary["dry_run"] and summary["rows"]
+    assert summary["numerics"] == "official numerics, official augment"
     for row in summary["rows"]:
         for value in row["ours"].values():
             assert value is not None and 0.0 <= value <= 100.0
@@ -407,8 +408,10 @@ def test_every_config_dry_runs(runs: DryRuns, table: int, name: str) -> None:
         results = json.loads((run_dir / "results.json").read_text())
         assert results["step"] == results["total_steps"] == 2 and results["skipped"] == 0
         used = yaml.safe_load((run_dir / "args.yaml").read_text())  # what the recipe actually ran with
-        for key in ("lr", "mms_lambda", "bma_beta", "template", "weight_decay", "eval_metric", "loss"):
+        for key in ("lr", "mms_lambda", "bma_beta", "template", "weight_decay", "eval_metric", "loss",
+                    "numerics", "augment"):
             assert used[key] == settings[key], key
+        assert (used["numerics"], used["augment"]) == ("official", "official")  # the paper's run
         assert (used["model"], used["pretrained"], used["iters_per_epoch"]) == ("clipood-tiny", None, 2)
         assert f"{settings['eval_metric'].removeprefix('eval_').removesuffix('_top1')}" in {
             s.split("=", 1)[0] for s in used["eval_shards"]}  # best.pt is picked on an eval set that exists
