@@ -540,8 +540,9 @@ else:
                 )
             self._init_bma(total_steps, bma_beta, bma_include_init, bn_loader, bn_batches)
             self.trainable_module = model
-            self.head = head.requires_grad_(False).to(self.device)
-            criterion = MMSLoss(self.head, lam=lam) if criterion is None else criterion
+            head = head.requires_grad_(False)
+            criterion = MMSLoss(head, lam=lam) if criterion is None else criterion
+            self.head = head.to(self.device)
             if isinstance(criterion, nn.Module):
                 criterion = criterion.to(self.device)
             self.criterion = criterion
