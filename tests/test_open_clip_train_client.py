@@ -15,7 +15,6 @@ A random-init tiny CLIP (an open_clip ``local-dir:`` model) on generated shards,
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import subprocess
@@ -29,47 +28,20 @@ from reference import beta_alphas, closed_form
 open_clip = pytest.importorskip("open_clip")
 pytest.importorskip("open_clip_train")
 
-ROOT = Path(__file__).resolve().parents[1]
-CLASSES = ["cat", "dog", "car", "tree"]
-TINY = {
-    "embed_dim": 16,
-    "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "head_width": 16, "patch_size": 8},
-    "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
-}
+from client_data import CLASSES, TINY, class_images, shard_samples, tiny_clip_dir  # noqa: E402
 
+ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    from PIL import Image
-    from safetensors.torch import save_file
-
     from clipood_plugin.data.make_shards import write_shards
 
     root = tmp_path_factory.mktemp("open_clip_train")
-    model_dir = root / "tiny"
-    model_dir.mkdir()
-    (model_dir / "open_clip_config.json").write_text(json.dumps({"model_cfg": TINY, "preprocess_cfg": {}}))
-    torch.manual_seed(0)
-    model = open_clip.CLIP(**TINY)
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(model_dir / "open_clip_model.safetensors"))
-
-    gen = torch.Generator().manual_seed(1)
-
-    def samples(split: str, n: int) -> list[dict]:
-        out = []
-        for i in range(n):
-            label = i % len(CLASSES)
-            base = torch.zeros(3, 32, 32)
-            base[label % 3] = 0.3 * (label + 1)
-            img = (base + 0.3 * torch.rand(3, 32, 32, generator=gen)).clamp(0, 1)
-            buf = io.BytesIO()
-            Image.fromarray((img.permute(1, 2, 0) * 255).round().to(torch.uint8).numpy()).save(buf, format="PNG")
-            out.append({"__key__": f"{split}{i:03d}", "png": buf.getvalue(), "cls": label})
-        return out
-
+    model_dir = tiny_clip_dir(root / "tiny")
+    images = class_images(24)
     shards = root / "shards"
-    write_shards(samples("train", 16), shards, classnames=CLASSES, split="train", max_samples_per_shard=8, progress=False)
-    write_shards(samples("val", 8), shards, classnames=CLASSES, split="val", max_samples_per_shard=8, progress=False)
+    write_shards(shard_samples(images[:16], "train"), shards, classnames=CLASSES, split="train", max_samples_per_shard=8, progress=False)
+    write_shards(shard_samples(images[16:], "val"), shards, classnames=CLASSES, split="val", max_samples_per_shard=8, progress=False)
     return {"root": root, "model": model_dir, "shards": shards}
 
 

@@ -18,7 +18,6 @@ copy of timm's script, as in ``test_timm_train_client.py``) and are skipped with
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import runpy
@@ -28,19 +27,13 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 open_clip = pytest.importorskip("open_clip")
 
+from client_data import CLASSES, class_images, shard_samples, tiny_clip_dir  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
-CLASSES = ["cat", "dog", "car", "tree"]
-TINY = {
-    "embed_dim": 16,
-    "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "head_width": 16, "patch_size": 8},
-    "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
-}
-
 #: (README text, replacement); ``{tiny}`` is the tiny model folder.
 SUBSTITUTIONS: list[tuple[str, str]] = [
     ('"ViT-B-16", pretrained="openai"', '"local-dir:{tiny}"'),
@@ -123,43 +116,20 @@ def test_diff_blocks_are_the_example_patches() -> None:
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    from PIL import Image
-    from safetensors.torch import save_file
-
     from clipood_plugin.data.make_shards import write_shards
 
     root = tmp_path_factory.mktemp("readme")
-    tiny = root / "tiny"
-    tiny.mkdir()
-    (tiny / "open_clip_config.json").write_text(json.dumps({"model_cfg": TINY, "preprocess_cfg": {}}))
-    torch.manual_seed(0)
-    save_file({k: v.contiguous() for k, v in open_clip.CLIP(**TINY).state_dict().items()}, str(tiny / "open_clip_model.safetensors"))
-    gen = torch.Generator().manual_seed(1)
-    images = []
-    for i in range(24):
-        label = i % len(CLASSES)
-        img = torch.zeros(3, 32, 32)
-        img[label % 3] = 0.3 * (label + 1)
-        img = (img + 0.3 * torch.rand(3, 32, 32, generator=gen)).clamp(0, 1)
-        images.append((label, Image.fromarray((img.permute(1, 2, 0) * 255).round().to(torch.uint8).numpy())))
+    tiny = tiny_clip_dir(root / "tiny")
+    images = class_images(24)
     data = root / "imagefolder"
     for split, chunk in (("train", images[:16]), ("validation", images[16:])):
         for k, (label, img) in enumerate(chunk):
             folder = data / split / CLASSES[label]
             folder.mkdir(parents=True, exist_ok=True)
             img.save(folder / f"{k}.png")
-
-    def samples(chunk: list, split: str) -> list[dict]:
-        out = []
-        for k, (label, img) in enumerate(chunk):
-            path = root / f"{split}{k}.png"
-            img.save(path)
-            out.append({"__key__": f"{split}{k:03d}", "png": path.read_bytes(), "cls": label})
-        return out
-
     shards = root / "shards"
-    write_shards(samples(images[:16], "train"), shards, classnames=CLASSES, split="train", max_samples_per_shard=8, progress=False)
-    write_shards(samples(images[16:], "val"), shards, classnames=CLASSES, split="val", max_samples_per_shard=8, progress=False)
+    write_shards(shard_samples(images[:16], "train"), shards, classnames=CLASSES, split="train", max_samples_per_shard=8, progress=False)
+    write_shards(shard_samples(images[16:], "val"), shards, classnames=CLASSES, split="val", max_samples_per_shard=8, progress=False)
     work = root / "work"
     work.mkdir()
     return {"root": root, "tiny": tiny, "data": data, "shards": shards, "work": work}
