@@ -441,7 +441,8 @@ def test_replace_model_ema_swaps_the_saver_and_resumes_from_the_start_step(tmp_p
     saver = CheckpointSaver(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1), model_ema=ema,
                             checkpoint_dir=str(tmp_path), recovery_dir=str(tmp_path))
     assert replace_model_ema(None, saver, None, 4) is None
-    bma = replace_model_ema(ema, saver, loader(2), 4, 2)
+    with pytest.warns(UserWarning, match="decay 0.99"):
+        bma = replace_model_ema(ema, saver, loader(2), 4, 2)
     assert saver.model_ema is bma and bma.steps == 2
     for a, b in zip(bma.module.parameters(), ema.module.parameters()):
         assert torch.equal(a, b)  # the loaded average is where the BMA continues from

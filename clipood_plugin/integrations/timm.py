@@ -288,7 +288,9 @@ def replace_model_ema(
     ``start_steps``; resume from ``last.pth.tar`` / ``checkpoint-N.pth.tar`` (written at epoch
     ends), not from a mid-epoch ``recovery-*`` file, and not from a run that used a plain EMA.
 
-    Returns None when ``model_ema`` is None (no ``--model-ema``), leaving the run as it was.
+    The EMA's decay (``--model-ema-decay``) has no BMA meaning and warns; its device
+    (``--model-ema-force-cpu``) is kept. Returns None when ``model_ema`` is None (no
+    ``--model-ema``), leaving the run as it was.
     """
     if model_ema is None:
         return None
@@ -299,7 +301,8 @@ def replace_model_ema(
     source = getattr(ema, "module", None)
     if not isinstance(source, nn.Module):
         raise TypeError(f"model_ema must be timm's ModelEmaV3 (with .module), got {type(model_ema).__name__}")
-    device = getattr(ema, "device", None)
+    _warn_ema_flags("replace_model_ema", getattr(ema, "decay", None), bool(getattr(ema, "use_warmup", False)))
+    device = getattr(ema, "device", None)  # --model-ema-force-cpu built the EMA with device='cpu'
     bma = BetaMovingAverage(source, total_steps=total_steps, beta=beta, device=device)
     if start_steps:
         bma.n_averaged.fill_(start_steps + 1)
