@@ -19,7 +19,8 @@ What each route takes care of, because ``train.py`` would otherwise get it silen
 - **T**, the horizon of the Beta weights, is the run's real number of optimizer steps:
   ``updates_per_epoch × num_epochs`` exactly as ``train.py`` counts them (gradient accumulation
   rounds up per epoch; warmup-prefix and cooldown epochs come from timm's own
-  ``create_scheduler_v2``). A resume with another T is refused when the average is loaded.
+  ``create_scheduler_v2``). On the task routes a resume with another β or T is refused when
+  the average is loaded.
 - **Loss options** (CLIPood route): timm's ``--smoothing`` becomes MMS label smoothing; under
   ``--mixup`` / ``--cutmix`` the smoothing is already in timm's soft targets, which timm builds
   ``--num-classes`` (= the embedding size D) wide, so they are folded back to the C classes of the
@@ -28,10 +29,11 @@ What each route takes care of, because ``train.py`` would otherwise get it silen
   float32: the logits are computed in float32 whatever the tower's dtype).
 - **EMA flags**: ``--model-ema-decay`` has no BMA meaning (a warning says so),
   ``--model-ema-warmup`` warns, ``--model-ema-force-cpu`` keeps the average on the CPU. Without
-  ``--model-ema`` the CLIPood route refuses to start (CLIPood *is* MMS plus BMA).
+  ``--model-ema`` the task routes refuse to start (the average would silently not exist); the
+  legacy route then leaves the run as it was.
 - **Resume** from ``last.pth.tar`` / ``checkpoint-N.pth.tar`` with no side files: the task routes
   keep the BMA count, β and T in ``task_state_ema``; the legacy route rebuilds the count from the
-  epoch ``train.py`` resumes at (the only thing a ``ModelEmaV3`` checkpoint records).
+  epoch ``train.py`` resumes at (a ``ModelEmaV3`` checkpoint holds no step count).
 - **BatchNorm**: the averaged weights do not match running statistics gathered along the way, and
   ``train.py`` never calls ``update_bn``. With a training loader the routes recompute the BN
   statistics of the average (as ``torch.optim.swa_utils.update_bn`` does) before each evaluation
