@@ -6,10 +6,12 @@ with α_t from the Beta pdf written out in this file (not from clipood_plugin).
 
 from __future__ import annotations
 
+import argparse
 import importlib
 import math
 import sys
 from pathlib import Path
+from typing import ClassVar
 
 import pytest
 import torch
@@ -264,3 +266,188 @@ def test_missing_task_api_gives_clear_import_error(monkeypatch: pytest.MonkeyPat
     with pytest.raises(ImportError, match="BetaMovingAverage"):
         from clipood_plugin.integrations.timm import CLIPoodTask as _  # noqa: F401
     assert module.TowerClassifier is not None  # the rest of the module still imports
+
+
+# -- train.py routes: from_timm, BMAClassificationTask, replace_model_ema -------------------
+
+
+def train_args(**overrides: object) -> argparse.Namespace:
+    values = dict(model_ema=True, grad_accum_steps=1, epochs=2, sched="cosine", cooldown_epochs=0, warmup_epochs=0,
+                  warmup_prefix=False, lr=1e-3, mixup=0.0, cutmix=0.0, cutmix_minmax=None, num_classes=DIM)
+    values.update(overrides)
+    return argparse.Namespace(**values)
+
+
+class Batches(list):
+    """A sized stand-in for train.py's loader_train: a list of (images, labels) batches."""
+
+
+def loader(n: int, seed: int = 4) -> Batches:
+    return Batches(batch(seed + i) for i in range(n))
+
+
+def test_total_steps_counts_accumulation_warmup_prefix_and_cooldown() -> None:
+    from clipood_plugin.integrations.timm import timm_total_steps
+
+    args = train_args(grad_accum_steps=2, epochs=2, cooldown_epochs=1, warmup_epochs=1, warmup_prefix=True)
+    assert timm_total_steps(args, loader(5)) == (1 + 2 + 1) * 3  # ceil(5 / 2) updates per epoch
+    assert timm_total_steps(train_args(warmup_epochs=3), loader(4)) == 2 * 4  # warmup inside the epochs
+
+
+def test_fold_soft_targets_equals_timm_mixup_over_the_real_classes() -> None:
+    from timm.data.mixup import mixup_target
+
+    from clipood_plugin.integrations.timm import fold_soft_targets
+
+    _, y = batch()
+    for lam, smoothing in ((0.7, 0.1), (1.0, 0.0), (0.35, 0.2)):
+        wide = mixup_target(y, DIM, lam=lam, smoothing=smoothing)  # what train.py builds: --num-classes = D
+        real = mixup_target(y, CLASSES, lam=lam, smoothing=smoothing)  # what it should have built
+        torch.testing.assert_close(fold_soft_targets(wide, CLASSES), real, rtol=0, atol=1e-6)
+    bad = mixup_target(torch.full_like(y, CLASSES + 1), DIM, lam=1.0, smoothing=0.0)
+    with pytest.raises(ValueError, match="beyond the head"):
+        fold_soft_targets(bad, CLASSES)
+
+
+def classification_task(criterion: nn.Module, tower: nn.Module | None = None) -> timm_task.ClassificationTask:
+    return timm_task.ClassificationTask(model=tower or make_tower(), criterion=criterion, verbose=False)
+
+
+def test_from_timm_honours_label_smoothing_and_mixup() -> None:
+    from timm.data.mixup import mixup_target
+    from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+
+    head = make_head()
+    x, y = batch()
+    task = CLIPoodTask.from_timm(classification_task(LabelSmoothingCrossEntropy(smoothing=0.1)), train_args(), loader(3), head=head)
+    assert task.total_steps == 2 * 3
+    # Independent: the paper's MMS logits in float64, then timm's smoothing rule (1 - s)·NLL + s·mean(-log p).
+    feats = F.normalize(task.get_trainable_module()(x).double(), dim=-1)
+    text = head.weight.double()
+    scale = float(head.scale)
+    logits = scale * (feats @ text.t() + 0.3 * (1 - text[y] @ text.t()))
+    logp = logits.log_softmax(dim=-1)
+    expected = (0.9 * -logp.gather(1, y[:, None]).squeeze(1) - 0.1 * logp.mean(dim=-1)).mean()
+    torch.testing.assert_close(task(x, y)["loss"].double(), expected, rtol=1e-5, atol=1e-5)
+
+    mixed = CLIPoodTask.from_timm(classification_task(SoftTargetCrossEntropy()), train_args(mixup=0.2), loader(3), head=head)
+    wide = mixup_target(y, DIM, lam=0.6, smoothing=0.1)
+    real = mixup_target(y, CLASSES, lam=0.6, smoothing=0.1)
+    torch.testing.assert_close(mixed(x, wide)["loss"], mixed(x, real)["loss"], rtol=1e-6, atol=1e-6)
+
+
+def test_from_timm_refuses_at_start_up() -> None:
+    from timm.loss import BinaryCrossEntropy
+
+    head = make_head()
+    ce = nn.CrossEntropyLoss()
+    with pytest.raises(ValueError, match="--model-ema"):
+        CLIPoodTask.from_timm(classification_task(ce), train_args(model_ema=False), loader(2), head=head)
+    with pytest.raises(ValueError, match="bce-loss"):
+        CLIPoodTask.from_timm(classification_task(BinaryCrossEntropy()), train_args(), loader(2), head=head)
+    with pytest.raises(ValueError, match="num-classes=3"):
+        CLIPoodTask.from_timm(classification_task(ce), train_args(mixup=0.2, num_classes=3), loader(2), head=head)
+    with pytest.raises(ValueError, match="TextHead"):
+        CLIPoodTask.from_timm(classification_task(ce), train_args(), loader(2), head="")
+    named = TextHead(head.weight, scale=100.0, classnames=["a", "b", "c", "d", "e"])
+
+    class Folder(Batches):
+        class reader:
+            class_to_idx: ClassVar[dict[str, int]] = {"a": 0, "b": 1, "d": 2, "c": 3, "e": 4}
+
+    folder = Folder(loader(2))
+    folder.dataset = folder
+    with pytest.raises(ValueError, match="label order"):
+        CLIPoodTask.from_timm(classification_task(ce), train_args(), folder, head=named)
+
+
+def test_head_and_criterion_follow_the_task_device_and_decay_warns() -> None:
+    task = CLIPoodTask(make_tower(), make_head(), total_steps=3, device=torch.device("meta"), verbose=False)
+    assert task.head.weight.device.type == "meta"
+    assert task.criterion.text_features.device.type == "meta"
+    cpu = CLIPoodTask(make_tower(), make_head(), total_steps=3, verbose=False)
+    with pytest.warns(UserWarning, match="no decay"):
+        cpu.setup_ema(decay=0.9998, device="cpu")
+
+
+def make_bn_model(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return timm.create_model("test_resnet", pretrained=False, num_classes=CLASSES)
+
+
+def test_bma_classification_task_checkpoints_resumes_and_recomputes_bn(tmp_path: Path) -> None:
+    from torch.optim.swa_utils import update_bn
+
+    from clipood_plugin.integrations.timm import BMAClassificationTask
+
+    data = loader(3)
+    base = classification_task(nn.CrossEntropyLoss(), tower=make_bn_model())
+    task = BMAClassificationTask.from_timm(base, train_args(epochs=1), data)
+    with pytest.warns(UserWarning, match="no decay"):
+        task.setup_ema(decay=0.9998)
+    model = task.get_trainable_module()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    snaps = [snapshot(model)]
+    for step, (x, y) in enumerate(data, start=1):
+        task(x, y)["loss"].backward()
+        opt.step()
+        opt.zero_grad()
+        task.update_ema(step=step)
+        snaps.append(snapshot(model))
+    bma = task.get_trainable_module(ema=True)
+    ref = closed_form(snaps, beta_alphas(3, 0.5))
+    for name, p in bma.module.named_parameters():
+        torch.testing.assert_close(p.double(), ref[name], rtol=1e-5, atol=1e-6)
+
+    # validation runs the eval model in eval mode: the BN statistics are recomputed first
+    eval_model = task.get_eval_model(ema=True)
+    eval_model.eval()
+    with torch.no_grad():
+        eval_model(data[0][0])
+    independent = make_bn_model(seed=3)
+    independent.load_state_dict(bma.module.state_dict())
+    update_bn([x for x, _ in data], independent)
+    for key, value in independent.state_dict().items():
+        if "running" in key:
+            torch.testing.assert_close(bma.module.state_dict()[key], value, rtol=1e-5, atol=1e-6)
+
+    CheckpointSaver(model=model, optimizer=opt, task=task, checkpoint_dir=str(tmp_path),
+                    recovery_dir=str(tmp_path)).save_checkpoint(epoch=0, metric=1.0)
+    path = str(tmp_path / "last.pth.tar")
+    fresh = make_bn_model(seed=9)
+    load_checkpoint(fresh, path, use_ema=True)
+    for a, b in zip(fresh.state_dict().values(), bma.module.state_dict().values()):
+        assert torch.equal(a, b.to(a.dtype))
+    again = BMAClassificationTask(make_bn_model(seed=9), nn.CrossEntropyLoss(), total_steps=3, verbose=False)
+    resume_task_checkpoint(again, path, log_info=False)
+    again.setup_ema()
+    load_task_ema_checkpoint(again, path)
+    assert again.get_trainable_module(ema=True).steps == 3
+    other_t = BMAClassificationTask(make_bn_model(), nn.CrossEntropyLoss(), total_steps=4, verbose=False)
+    other_t.setup_ema()
+    with pytest.raises(ValueError, match="total_steps"):
+        load_task_ema_checkpoint(other_t, path)
+    with pytest.raises(TypeError, match="plain ClassificationTask"):
+        BMAClassificationTask.from_timm(task, train_args(), data)
+
+
+def test_replace_model_ema_swaps_the_saver_and_resumes_from_the_start_step(tmp_path: Path) -> None:
+    from timm.utils import ModelEmaV3
+
+    from clipood_plugin.integrations.timm import replace_model_ema
+
+    model = make_bn_model()
+    ema = ModelEmaV3(model, decay=0.99)
+    saver = CheckpointSaver(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1), model_ema=ema,
+                            checkpoint_dir=str(tmp_path), recovery_dir=str(tmp_path))
+    assert replace_model_ema(None, saver, None, 4) is None
+    with pytest.warns(UserWarning, match="decay 0.99"):
+        bma = replace_model_ema(ema, saver, loader(2), 4, 2)
+    assert saver.model_ema is bma and bma.steps == 2
+    for a, b in zip(bma.module.parameters(), ema.module.parameters()):
+        assert torch.equal(a, b)  # the loaded average is where the BMA continues from
+    bma.update(model, step=3)
+    with pytest.raises(ValueError, match="next is 4"):
+        bma.update(model, step=5)
+    with pytest.raises(ValueError, match="start_steps"):
+        replace_model_ema(ema, saver, None, 4, 5)
