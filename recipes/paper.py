@@ -29,8 +29,9 @@ One command, top to bottom:
 Where the official code departs from its paper or from DomainBed, this follows method_reference §9
 and says so: Table 1 tests on the target's 20 % "out" holdout as the official code does
 (``--test-split in`` gives DomainBed's standard); Table 4 uses the ``seed_hash(0, …)`` splits the
-official in-the-wild code would have used had it not crashed (§4.4.3); the recipe keeps fp32 master
-weights (bf16 autocast) where the official code re-rounds fp16 weights (§4.1, README).
+official in-the-wild code would have used had it not crashed (§4.4.3). The configs train in the
+official numerics with the official augmentations (fp16 weights re-rounded after every AdamW step,
+docs/numerics.md); the printed row names the numerics that produced it.
 ``--dry-run`` runs the same code path with a tiny random-init CLIP and two steps per target.
 """
 
