@@ -42,14 +42,24 @@ Where we differ from the official code, on purpose:
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
 from torch.optim.swa_utils import AveragedModel
 
+from clipood_plugin._sharding import (
+    check_same_sharding,
+    check_supported,
+    is_dtensor,
+    is_sharded,
+    local_views,
+    reshard_all,
+    shard_copy,
+)
 from clipood_plugin._wrappers import unwrap_model
 
 __all__ = [
@@ -249,7 +259,15 @@ class _StepAverage(AveragedModel):
     ) -> None:
         self.storage = check_storage(storage)
         model = unwrap_model(model)
-        super().__init__(model, device=device, multi_avg_fn=multi_avg_fn, use_buffers=use_buffers)
+        check_supported(model)
+        reshard_all(model)  # parameters FSDP left gathered would be copied as full tensors
+        #: the model is sharded (FSDP2): ``.module`` holds DTensors with the model's mesh and placements
+        self.sharded = is_sharded(model)
+        if self.sharded:  # FSDP forbids deepcopy; AveragedModel gets a stand-in, the copy is ours
+            super().__init__(nn.Module(), device=device, multi_avg_fn=multi_avg_fn, use_buffers=use_buffers)
+            self.module = shard_copy(model) if device is None else shard_copy(model).to(device)
+        else:
+            super().__init__(model, device=device, multi_avg_fn=multi_avg_fn, use_buffers=use_buffers)
         if self.storage == "fp32":
             self.module._apply(_upcast_half)
         self.module.requires_grad_(False)
@@ -301,6 +319,9 @@ class _StepAverage(AveragedModel):
         if self.use_buffers:
             mine += [(n, b.shape) for n, b in self.module.named_buffers()]
             theirs += [(n, b.shape) for n, b in model.named_buffers()]
+        if self.sharded or is_sharded(model):
+            names = [n for n, _ in model.named_parameters()] + [n for n, _ in model.named_buffers()]
+            check_same_sharding(names, self._all_tensors(self.module), self._all_tensors(model))
         if len(mine) != len(theirs):
             raise ValueError(
                 f"model has {len(theirs)} tensors to average, the average has {len(mine)}: "
@@ -326,19 +347,100 @@ class _StepAverage(AveragedModel):
             )
         if self._checked_model != id(model):
             self._check_same_structure(model)
+        averaged, current = self._tensors(self.module), self._tensors(model)
+        if self.sharded or (current and is_dtensor(current[0])):  # sharded in place after the check
+            averaged, current = self._local_shards(model, self._tensors)
         if self.storage == "fp32":
-            _lerp_into(self._tensors(self.module), self._tensors(model), self._lerp_weight(step))
+            _lerp_into(averaged, current, self._lerp_weight(step))
         else:
             relative = self._relative_weight(step)
             if relative is None:
-                _lerp_into(self._tensors(self.module), self._tensors(model), 1.0)
+                _lerp_into(averaged, current, 1.0)
             else:
-                _official_update_into(self._tensors(self.module), self._tensors(model), relative)
+                _official_update_into(averaged, current, relative)
         if not self.use_buffers:
             for averaged, current in zip(self.module.buffers(), model.buffers()):
                 averaged.copy_(current.to(averaged.device))
         self._count += 1
         self.n_averaged.add_(1)
+
+    def _all_tensors(self, module: nn.Module) -> list[Tensor]:
+        return [*module.parameters(), *module.buffers()]
+
+    def _local_shards(
+        self, model: nn.Module, tensors: Callable[[nn.Module], list[Tensor]]
+    ) -> tuple[list[Tensor], list[Tensor]]:
+        """The local shards the update runs on, after checking the model is still sharded as the average.
+
+        The full layout check runs once per model; this per-update one only asks "DTensor or not".
+        A model whose parameters FSDP left gathered (a no-grad forward with
+        ``reshard_after_forward=False``) is resharded first; what still differs is an average built
+        before ``fully_shard``, and raises.
+        """
+        averaged, current = tensors(self.module), tensors(model)
+        if any(is_dtensor(a) != is_dtensor(c) for a, c in zip(averaged, current)):
+            reshard_all(model)
+            current = tensors(model)
+            if any(is_dtensor(a) != is_dtensor(c) for a, c in zip(averaged, current)):
+                self._checked_model = None
+                self._check_same_structure(model)  # raises, naming the first tensor that differs
+        return local_views(averaged), local_views(current)
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        if self.sharded:
+            raise RuntimeError(
+                f"a sharded {type(self).__name__} holds only this rank's shards and cannot run forward itself; "
+                "evaluate it in the sharded model: `with average.swapped_into(model): model(x)`"
+            )
+        return super().forward(*args, **kwargs)
+
+    @contextlib.contextmanager
+    def swapped_into(self, model: nn.Module) -> Iterator[nn.Module]:
+        """Run ``model`` with the averaged weights inside the ``with`` block; its own come back after.
+
+        The way to evaluate a sharded average without gathering the model on one rank: FSDP's
+        forward all-gathers whatever the local shards hold, so copying the average's shards into
+        the model's (parameters and buffers, no communication) makes ``model(x)`` the averaged
+        model. It costs one copy of the local shards as backup. Works for unsharded models too,
+        e.g. to evaluate in a DDP or compiled model. Averaged values are cast to the model's
+        dtypes (an fp32 average in a bf16 model is rounded to bf16 while swapped in).
+
+        The trap: a root module with ``reshard_after_forward=False`` keeps its gathered parameters
+        after a no-grad forward, so a swap would be invisible to it, and a swap back would leave
+        averaged weights in it. Every FSDP module is therefore resharded on entry and on exit.
+        """
+        model = unwrap_model(model)
+        reshard_all(model)
+        self._check_same_structure(model)
+        averaged, current = self._local_shards(model, self._all_tensors)
+        with torch.no_grad():
+            backup = [t.clone() for t in current]
+            for cur, avg in zip(current, averaged):
+                cur.copy_(avg)
+        try:
+            yield model
+        finally:
+            with torch.no_grad():
+                reshard_all(model)
+                for cur, saved in zip(current, backup):
+                    cur.copy_(saved)
+
+    def full_state_dict(self, *, rank0_only: bool = True) -> dict[str, Tensor]:
+        """The averaged weights as full CPU tensors, keyed as the bare model (timm's ``state_dict_ema``).
+
+        What loads into an unsharded model and what a ``safetensors`` file should hold. For a
+        sharded average it is a collective: every rank must call it. Tensors are gathered one at
+        a time (``DTensor.full_tensor``) and moved to the CPU, so device memory peaks near one
+        full parameter. With ``rank0_only`` (default) the other ranks get ``{}``.
+        """
+        keep = not rank0_only or not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
+        out: dict[str, Tensor] = {}
+        for key, value in self.module.state_dict().items():
+            full = value.full_tensor() if is_dtensor(value) else value.detach().clone()
+            if keep:
+                out[key] = full.cpu()
+            del full
+        return out
 
     def update(self, model: nn.Module, step: int | None = None) -> None:
         """timm ``ModelEmaV3``-style alias of :meth:`update_parameters`.
@@ -358,8 +460,9 @@ class _StepAverage(AveragedModel):
         """Restart the average from ``model`` (timm ``set`` semantics): it becomes the new θ_0."""
         model = unwrap_model(model)
         self._check_same_structure(model)
-        for averaged, current in zip(self.module.state_dict().values(), model.state_dict().values()):
-            averaged.copy_(current.to(device=averaged.device, dtype=averaged.dtype))
+        averaged = local_views(list(self.module.state_dict().values()))
+        for avg, cur in zip(averaged, local_views(list(model.state_dict().values()))):
+            avg.copy_(cur.to(device=avg.device, dtype=avg.dtype))
         self._count = 1 if self.include_init else 0
         self.n_averaged.fill_(self._count)
 
