@@ -231,7 +231,7 @@ def save_sharded_checkpoint(directory: str | os.PathLike[str], state: dict[str, 
         partial.mkdir(parents=True)
     _barrier()
     try:
-        dcp.save(state, checkpoint_id=str(partial))
+        dcp.save(state, checkpoint_id=str(partial), no_dist=_dist() is None)
     except CheckpointException as exc:  # a BaseException: `except Exception` would let it through
         raise RuntimeError(f"sharded checkpoint {final} failed on some rank: {exc}") from exc
     if _rank() == 0:
@@ -293,7 +293,7 @@ def load_sharded_checkpoint(directory: str | os.PathLike[str], state: dict[str, 
 
     meta = read_sharded_meta(directory)
     try:
-        dcp.load(state, checkpoint_id=str(directory), planner=_weights_only_planner())
+        dcp.load(state, checkpoint_id=str(directory), planner=_weights_only_planner(), no_dist=_dist() is None)
     except CheckpointException as exc:
         raise ValueError(f"{directory} does not load into this run's state: {exc}") from exc
     return meta
