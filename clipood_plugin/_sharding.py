@@ -178,8 +178,10 @@ def reshard_all(module: nn.Module) -> None:
     otherwise keeps its gathered parameters after a no-grad forward)."""
     if not _distributed():
         return
-    from torch.distributed.fsdp import FSDPModule
-
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # torch < 2.6 has no public FSDP2, so nothing here can be an FSDP2 module
+        return
     for sub in module.modules():
         if isinstance(sub, FSDPModule):
             sub.reshard()
