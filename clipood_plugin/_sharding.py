@@ -10,8 +10,8 @@ shards with no communication at all. This module has the pieces:
   models are refused with a clear error (FSDP1's flat parameters, DeepSpeed engines and ZeRO-3).
 - :func:`shard_copy`: a copy of a sharded module without FSDP's hooks and state, each DTensor
   cloned with its mesh and placements kept (what ``deepcopy`` would give if FSDP allowed it).
-- :func:`local_views`: the local shards of a list of tensors (plain tensors pass through), on
-  which the foreach kernels run.
+- :func:`local_views` / :func:`paired_local_views`: the local shards of a list of tensors (plain
+  tensors pass through), on which the foreach kernels run.
 - :func:`check_same_sharding`: the pairwise check that an average and a model are sharded alike.
 - :func:`reshard_all`: free any unsharded parameters, so FSDP's next forward gathers the shards.
 
@@ -32,7 +32,15 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-__all__ = ["check_same_sharding", "check_supported", "is_sharded", "local_views", "reshard_all", "shard_copy"]
+__all__ = [
+    "check_same_sharding",
+    "check_supported",
+    "is_sharded",
+    "local_views",
+    "paired_local_views",
+    "reshard_all",
+    "shard_copy",
+]
 
 
 def _distributed() -> bool:
@@ -133,6 +141,22 @@ def shard_copy(module: nn.Module, memo: dict[int, Any] | None = None) -> nn.Modu
     for name, child in module._modules.items():
         copy._modules[name] = None if child is None else shard_copy(child, memo)
     return copy
+
+
+def paired_local_views(averaged: Sequence[Tensor], current: Sequence[Tensor]) -> tuple[list[Tensor], list[Tensor]] | None:
+    """:func:`local_views` of both lists in one pass (the per-update path); ``None`` when a pair
+    is a DTensor on one side only."""
+    from torch.distributed.tensor import DTensor
+
+    avg_local: list[Tensor] = []
+    cur_local: list[Tensor] = []
+    for avg, cur in zip(averaged, current):
+        avg_d, cur_d = isinstance(avg, DTensor), isinstance(cur, DTensor)
+        if avg_d != cur_d:
+            return None
+        avg_local.append(avg.to_local() if avg_d else avg)
+        cur_local.append(cur.to_local() if cur_d else cur)
+    return avg_local, cur_local
 
 
 def local_views(tensors: Sequence[Tensor]) -> list[Tensor]:

@@ -25,6 +25,13 @@ step, ``set(model)`` to restart, an fp32 average of a bf16/fp16 model, DDP / ``t
 wrappers seen through, and a ``state_dict()`` that carries the hyperparameters and the step count,
 so a run resumes exactly and loading into an average built with other hyperparameters raises.
 
+Sharded models (FSDP2, ``torch.distributed.fsdp.fully_shard``): built after ``fully_shard``, an
+average holds DTensors with the model's mesh and placements, not bare local shards, because
+``torch.distributed.checkpoint`` cannot load a state dict of bare shards back ("size mismatch").
+Its update is the same lerp on the local shards, with no collective and no gather;
+:meth:`_StepAverage.swapped_into` evaluates it inside the sharded model and
+:meth:`_StepAverage.full_state_dict` gathers it to rank 0 for export (clipood_plugin._sharding).
+
 Where we differ from the official code, on purpose:
 
 - By default (``storage="fp32"``) the average is kept in float32 even when the model trains in
@@ -57,6 +64,7 @@ from clipood_plugin._sharding import (
     is_dtensor,
     is_sharded,
     local_views,
+    paired_local_views,
     reshard_all,
     shard_copy,
 )
@@ -233,6 +241,10 @@ class _StepAverage(AveragedModel):
     ``r = w_t / (1 − w_t)``, see :meth:`_relative_weight`); buffers are otherwise copied from the
     model, as torch does.
 
+    For a model sharded with FSDP2, ``.module`` is a hook-free copy whose parameters are DTensors
+    with the model's mesh and placements (``self.sharded`` is True); the update runs on their
+    local shards, and ``forward`` raises (use :meth:`swapped_into`).
+
     Subclasses set ``_kind`` (the tag in the saved extra state), ``_label`` (their name in error
     messages), ``_horizon_reason`` and ``_mismatch_reason`` (the second halves of those errors),
     and implement :meth:`_lerp_weight` and :meth:`_hparams`.
@@ -377,14 +389,16 @@ class _StepAverage(AveragedModel):
         ``reshard_after_forward=False``) is resharded first; what still differs is an average built
         before ``fully_shard``, and raises.
         """
-        averaged, current = tensors(self.module), tensors(model)
-        if any(is_dtensor(a) != is_dtensor(c) for a, c in zip(averaged, current)):
+        averaged = tensors(self.module)
+        views = paired_local_views(averaged, tensors(model))
+        if views is None:
             reshard_all(model)
-            current = tensors(model)
-            if any(is_dtensor(a) != is_dtensor(c) for a, c in zip(averaged, current)):
-                self._checked_model = None
-                self._check_same_structure(model)  # raises, naming the first tensor that differs
-        return local_views(averaged), local_views(current)
+            views = paired_local_views(averaged, tensors(model))
+        if views is None:
+            self._checked_model = None
+            self._check_same_structure(model)  # raises, naming the first tensor that differs
+            raise AssertionError("unreachable: the layout check found no difference")  # pragma: no cover
+        return views
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         if self.sharded:
@@ -531,7 +545,8 @@ class BetaMovingAverage(_StepAverage):
     Args:
         model: the model being fine-tuned, *before* its first optimizer step. DDP / DataParallel
             (``.module``) and ``torch.compile`` (``._orig_mod``) wrappers are seen through. Pass
-            only what trains (CLIPood averages the image tower), not the whole CLIP model.
+            only what trains (CLIPood averages the image tower), not the whole CLIP model. An
+            FSDP2-sharded model gives a sharded average (build it after ``fully_shard``).
         total_steps: T, the number of optimizer steps the run will take. It fixes the weights, so
             it must be known up front (from epochs × steps per epoch).
         beta: β of the symmetric Beta(β, β) weighting (0.5 default; 1 = uniform including θ_0,
