@@ -176,6 +176,13 @@ def _worker(rank: int, tmp: str) -> None:
         if rank == 0:
             torch.save(gathered, out / "gathered.pt")
 
+        # set(): restart from the sharded model's current weights, which are the reference's θ_T
+        sharded["uniform"].set(model)
+        assert sharded["uniform"].steps == 0
+        restarted = sharded["uniform"].full_state_dict(rank0_only=False)
+        for key, value in reference.state_dict().items():
+            assert torch.equal(restarted[key], value), key
+
         # an average built before fully_shard, then updated with the sharded model: a clear error
         early_model = make_model()
         early = BetaMovingAverage(early_model, total_steps=STEPS)

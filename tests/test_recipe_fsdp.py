@@ -83,6 +83,17 @@ def test_fsdp_run_trains_checkpoints_and_exports_loadable_averages(reference: Pa
         assert all(v.dtype == torch.float32 for v in state.values())
     bma = load_file(reference / "bma_tower.safetensors")
     assert any(not torch.equal(bma[k], tower[k]) for k in tower), "the BMA export is just the final tower"
+    # the export (gathered over gloo) equals the last checkpoint's shards read back unsharded by DCP
+    from clipood_plugin import BetaMovingAverage
+    from clipood_plugin.training.checkpoint import load_sharded_checkpoint
+
+    average = BetaMovingAverage(open_clip.create_model("clipood-tiny", pretrained=None).visual, total_steps=8)
+    state = {"averager": average.state_dict()}
+    load_sharded_checkpoint(reference / "checkpoints" / "step-8", state)
+    average.load_state_dict(state["averager"])
+    assert average.steps == 8
+    for key, value in average.module.state_dict().items():
+        assert torch.equal(value, bma[key]), key
 
 
 def test_sigkill_then_resume_auto_is_bitwise_the_uninterrupted_run(shards: Path, reference: Path,  # noqa: F811
