@@ -13,6 +13,8 @@ shards with no communication at all. This module has the pieces:
 - :func:`local_views` / :func:`paired_local_views`: the local shards of a list of tensors (plain
   tensors pass through), on which the foreach kernels run.
 - :func:`check_same_sharding`: the pairwise check that an average and a model are sharded alike.
+- :func:`shard_like`: full tensors of a state dict cut to the DTensor layout of another (loading
+  an unsharded checkpoint into a sharded average).
 - :func:`reshard_all`: free any unsharded parameters, so FSDP's next forward gathers the shards.
 
 The trap behind the DTensors: a state dict of plain local-shard tensors saves through
@@ -26,7 +28,7 @@ cannot exist without one, and an unsharded user never pays for the import.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -40,6 +42,7 @@ __all__ = [
     "paired_local_views",
     "reshard_all",
     "shard_copy",
+    "shard_like",
 ]
 
 
@@ -194,6 +197,25 @@ def check_same_sharding(names: Sequence[str], averaged: Sequence[Tensor], curren
         raise ValueError(
             f"model tensor {name!r} is {describe_sharding(cur)} but the average holds {describe_sharding(avg)}: {hint}"
         )
+
+
+def shard_like(state: Mapping[str, Any], reference: Mapping[str, Any]) -> dict[str, Any]:
+    """``state`` with every full tensor whose ``reference`` entry is a DTensor cut to that layout.
+
+    Each rank takes its own slice of the full tensor it holds (``src_data_rank=None``: no
+    scatter), so all ranks must hold the same full tensor, as after loading one file.
+    """
+    from torch.distributed.tensor import distribute_tensor
+
+    out = dict(state)
+    for key, value in state.items():
+        like = reference.get(key)
+        if is_dtensor(like) and isinstance(value, Tensor) and not is_dtensor(value):
+            if tuple(value.shape) != tuple(like.shape):
+                raise ValueError(f"state tensor {key!r} has shape {tuple(value.shape)}, the average's is {tuple(like.shape)}")
+            value = value.to(device=like.to_local().device, dtype=like.dtype)
+            out[key] = distribute_tensor(value, like.device_mesh, like.placements, src_data_rank=None)
+    return out
 
 
 def reshard_all(module: nn.Module) -> None:

@@ -67,6 +67,7 @@ from clipood_plugin._sharding import (
     paired_local_views,
     reshard_all,
     shard_copy,
+    shard_like,
 )
 from clipood_plugin._wrappers import unwrap_model
 
@@ -507,6 +508,13 @@ class _StepAverage(AveragedModel):
             )
 
     def load_state_dict(self, state_dict: Any, strict: bool = True, assign: bool = False) -> Any:
+        """``nn.Module.load_state_dict`` plus the step count and horizon check.
+
+        A sharded average also loads a full (unsharded) state, e.g. an unsharded run's
+        checkpoint: each rank keeps its own slice of every full tensor, with no communication.
+        """
+        if self.sharded:
+            state_dict = shard_like(state_dict, self.state_dict())
         result = super().load_state_dict(state_dict, strict=strict, assign=assign)
         self._count = int(self.n_averaged)
         if self._count < 0 or (self.total_steps is not None and self.steps > self.total_steps):

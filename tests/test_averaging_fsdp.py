@@ -176,6 +176,14 @@ def _worker(rank: int, tmp: str) -> None:
         if rank == 0:
             torch.save(gathered, out / "gathered.pt")
 
+        # a full (unsharded) state loads into a sharded average: each rank keeps its slice
+        from_full = averages(model)
+        for name, avg in from_full.items():
+            avg.load_state_dict(unsharded[name].state_dict())
+            assert avg.sharded and avg.steps == STEPS
+            for key, value in avg.full_state_dict(rank0_only=False).items():
+                assert torch.equal(value, unsharded[name].module.state_dict()[key]), (name, key)
+
         # set(): restart from the sharded model's current weights, which are the reference's θ_T
         sharded["uniform"].set(model)
         assert sharded["uniform"].steps == 0
