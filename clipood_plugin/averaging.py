@@ -332,9 +332,6 @@ class _StepAverage(AveragedModel):
         if self.use_buffers:
             mine += [(n, b.shape) for n, b in self.module.named_buffers()]
             theirs += [(n, b.shape) for n, b in model.named_buffers()]
-        if self.sharded or is_sharded(model):
-            names = [n for n, _ in model.named_parameters()] + [n for n, _ in model.named_buffers()]
-            check_same_sharding(names, self._all_tensors(self.module), self._all_tensors(model))
         if len(mine) != len(theirs):
             raise ValueError(
                 f"model has {len(theirs)} tensors to average, the average has {len(mine)}: "
@@ -346,6 +343,9 @@ class _StepAverage(AveragedModel):
                     f"model tensor {name_b!r} {tuple(shape_b)} does not match averaged tensor "
                     f"{name_a!r} {tuple(shape_a)}"
                 )
+        if self.sharded or is_sharded(model):  # same names and shapes: now the same layout of shards
+            names = [n for n, _ in model.named_parameters()] + [n for n, _ in model.named_buffers()]
+            check_same_sharding(names, self._all_tensors(self.module), self._all_tensors(model))
         self._checked_model = id(model)
 
     @torch.no_grad()
