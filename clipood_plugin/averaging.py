@@ -25,6 +25,13 @@ step, ``set(model)`` to restart, an fp32 average of a bf16/fp16 model, DDP / ``t
 wrappers seen through, and a ``state_dict()`` that carries the hyperparameters and the step count,
 so a run resumes exactly and loading into an average built with other hyperparameters raises.
 
+Sharded models (FSDP2, ``torch.distributed.fsdp.fully_shard``): built after ``fully_shard``, an
+average holds DTensors with the model's mesh and placements, not bare local shards, because
+``torch.distributed.checkpoint`` cannot load a state dict of bare shards back ("size mismatch").
+Its update is the same lerp on the local shards, with no collective and no gather;
+:meth:`_StepAverage.swapped_into` evaluates it inside the sharded model and
+:meth:`_StepAverage.full_state_dict` gathers it to rank 0 for export (clipood_plugin._sharding).
+
 Where we differ from the official code, on purpose:
 
 - By default (``storage="fp32"``) the average is kept in float32 even when the model trains in
@@ -42,14 +49,26 @@ Where we differ from the official code, on purpose:
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
 from torch.optim.swa_utils import AveragedModel
 
+from clipood_plugin._sharding import (
+    check_same_sharding,
+    check_supported,
+    is_dtensor,
+    is_sharded,
+    local_views,
+    paired_local_views,
+    reshard_all,
+    shard_copy,
+    shard_like,
+)
 from clipood_plugin._wrappers import unwrap_model
 
 __all__ = [
@@ -223,6 +242,10 @@ class _StepAverage(AveragedModel):
     ``r = w_t / (1 − w_t)``, see :meth:`_relative_weight`); buffers are otherwise copied from the
     model, as torch does.
 
+    For a model sharded with FSDP2, ``.module`` is a hook-free copy whose parameters are DTensors
+    with the model's mesh and placements (``self.sharded`` is True); the update runs on their
+    local shards, and ``forward`` raises (use :meth:`swapped_into`).
+
     Subclasses set ``_kind`` (the tag in the saved extra state), ``_label`` (their name in error
     messages), ``_horizon_reason`` and ``_mismatch_reason`` (the second halves of those errors),
     and implement :meth:`_lerp_weight` and :meth:`_hparams`.
@@ -249,7 +272,15 @@ class _StepAverage(AveragedModel):
     ) -> None:
         self.storage = check_storage(storage)
         model = unwrap_model(model)
-        super().__init__(model, device=device, multi_avg_fn=multi_avg_fn, use_buffers=use_buffers)
+        check_supported(model)
+        reshard_all(model)  # parameters FSDP left gathered would be copied as full tensors
+        #: the model is sharded (FSDP2): ``.module`` holds DTensors with the model's mesh and placements
+        self.sharded = is_sharded(model)
+        if self.sharded:  # FSDP forbids deepcopy; AveragedModel gets a stand-in, the copy is ours
+            super().__init__(nn.Module(), device=device, multi_avg_fn=multi_avg_fn, use_buffers=use_buffers)
+            self.module = shard_copy(model) if device is None else shard_copy(model).to(device)
+        else:
+            super().__init__(model, device=device, multi_avg_fn=multi_avg_fn, use_buffers=use_buffers)
         if self.storage == "fp32":
             self.module._apply(_upcast_half)
         self.module.requires_grad_(False)
@@ -312,6 +343,9 @@ class _StepAverage(AveragedModel):
                     f"model tensor {name_b!r} {tuple(shape_b)} does not match averaged tensor "
                     f"{name_a!r} {tuple(shape_a)}"
                 )
+        if self.sharded or is_sharded(model):  # same names and shapes: now the same layout of shards
+            names = [n for n, _ in model.named_parameters()] + [n for n, _ in model.named_buffers()]
+            check_same_sharding(names, self._all_tensors(self.module), self._all_tensors(model))
         self._checked_model = id(model)
 
     @torch.no_grad()
@@ -326,19 +360,102 @@ class _StepAverage(AveragedModel):
             )
         if self._checked_model != id(model):
             self._check_same_structure(model)
+        averaged, current = self._tensors(self.module), self._tensors(model)
+        if self.sharded or (current and is_dtensor(current[0])):  # sharded in place after the check
+            averaged, current = self._local_shards(model, self._tensors)
         if self.storage == "fp32":
-            _lerp_into(self._tensors(self.module), self._tensors(model), self._lerp_weight(step))
+            _lerp_into(averaged, current, self._lerp_weight(step))
         else:
             relative = self._relative_weight(step)
             if relative is None:
-                _lerp_into(self._tensors(self.module), self._tensors(model), 1.0)
+                _lerp_into(averaged, current, 1.0)
             else:
-                _official_update_into(self._tensors(self.module), self._tensors(model), relative)
+                _official_update_into(averaged, current, relative)
         if not self.use_buffers:
             for averaged, current in zip(self.module.buffers(), model.buffers()):
                 averaged.copy_(current.to(averaged.device))
         self._count += 1
         self.n_averaged.add_(1)
+
+    def _all_tensors(self, module: nn.Module) -> list[Tensor]:
+        return [*module.parameters(), *module.buffers()]
+
+    def _local_shards(
+        self, model: nn.Module, tensors: Callable[[nn.Module], list[Tensor]]
+    ) -> tuple[list[Tensor], list[Tensor]]:
+        """The local shards the update runs on, after checking the model is still sharded as the average.
+
+        The full layout check runs once per model; this per-update one only asks "DTensor or not".
+        A model whose parameters FSDP left gathered (a no-grad forward with
+        ``reshard_after_forward=False``) is resharded first; what still differs is an average built
+        before ``fully_shard``, and raises.
+        """
+        averaged = tensors(self.module)
+        views = paired_local_views(averaged, tensors(model))
+        if views is None:
+            reshard_all(model)
+            views = paired_local_views(averaged, tensors(model))
+        if views is None:
+            self._checked_model = None
+            self._check_same_structure(model)  # raises, naming the first tensor that differs
+            raise AssertionError("unreachable: the layout check found no difference")  # pragma: no cover
+        return views
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        if self.sharded:
+            raise RuntimeError(
+                f"a sharded {type(self).__name__} holds only this rank's shards and cannot run forward itself; "
+                "evaluate it in the sharded model: `with average.swapped_into(model): model(x)`"
+            )
+        return super().forward(*args, **kwargs)
+
+    @contextlib.contextmanager
+    def swapped_into(self, model: nn.Module) -> Iterator[nn.Module]:
+        """Run ``model`` with the averaged weights inside the ``with`` block; its own come back after.
+
+        The way to evaluate a sharded average without gathering the model on one rank: FSDP's
+        forward all-gathers whatever the local shards hold, so copying the average's shards into
+        the model's (parameters and buffers, no communication) makes ``model(x)`` the averaged
+        model. It costs one copy of the local shards as backup. Works for unsharded models too,
+        e.g. to evaluate in a DDP or compiled model. Averaged values are cast to the model's
+        dtypes (an fp32 average in a bf16 model is rounded to bf16 while swapped in).
+
+        The trap: a root module with ``reshard_after_forward=False`` keeps its gathered parameters
+        after a no-grad forward, so a swap would be invisible to it, and a swap back would leave
+        averaged weights in it. Every FSDP module is therefore resharded on entry and on exit.
+        """
+        model = unwrap_model(model)
+        reshard_all(model)
+        self._check_same_structure(model)
+        averaged, current = self._local_shards(model, self._all_tensors)
+        with torch.no_grad():
+            backup = [t.clone() for t in current]
+            for cur, avg in zip(current, averaged):
+                cur.copy_(avg)
+        try:
+            yield model
+        finally:
+            with torch.no_grad():
+                reshard_all(model)
+                for cur, saved in zip(current, backup):
+                    cur.copy_(saved)
+
+    def full_state_dict(self, *, rank0_only: bool = True) -> dict[str, Tensor]:
+        """The averaged weights as full CPU tensors, keyed as the bare model (timm's ``state_dict_ema``).
+
+        What loads into an unsharded model and what a ``safetensors`` file should hold. For a
+        sharded average it is a collective: every rank must call it. Tensors are gathered one at
+        a time (``DTensor.full_tensor``) and moved to the CPU, so device memory peaks near one
+        full parameter. With ``rank0_only`` (default) the other ranks get ``{}``.
+        """
+        keep = not rank0_only or not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
+        out: dict[str, Tensor] = {}
+        for key, value in self.module.state_dict().items():
+            full = value.full_tensor() if is_dtensor(value) else value.detach().clone()
+            if keep:
+                out[key] = full.cpu()
+            del full
+        return out
 
     def update(self, model: nn.Module, step: int | None = None) -> None:
         """timm ``ModelEmaV3``-style alias of :meth:`update_parameters`.
@@ -358,8 +475,9 @@ class _StepAverage(AveragedModel):
         """Restart the average from ``model`` (timm ``set`` semantics): it becomes the new θ_0."""
         model = unwrap_model(model)
         self._check_same_structure(model)
-        for averaged, current in zip(self.module.state_dict().values(), model.state_dict().values()):
-            averaged.copy_(current.to(device=averaged.device, dtype=averaged.dtype))
+        averaged = local_views(list(self.module.state_dict().values()))
+        for avg, cur in zip(averaged, local_views(list(model.state_dict().values()))):
+            avg.copy_(cur.to(device=avg.device, dtype=avg.dtype))
         self._count = 1 if self.include_init else 0
         self.n_averaged.fill_(self._count)
 
@@ -390,6 +508,13 @@ class _StepAverage(AveragedModel):
             )
 
     def load_state_dict(self, state_dict: Any, strict: bool = True, assign: bool = False) -> Any:
+        """``nn.Module.load_state_dict`` plus the step count and horizon check.
+
+        A sharded average also loads a full (unsharded) state, e.g. an unsharded run's
+        checkpoint: each rank keeps its own slice of every full tensor, with no communication.
+        """
+        if self.sharded:
+            state_dict = shard_like(state_dict, self.state_dict())
         result = super().load_state_dict(state_dict, strict=strict, assign=assign)
         self._count = int(self.n_averaged)
         if self._count < 0 or (self.total_steps is not None and self.steps > self.total_steps):
@@ -428,7 +553,8 @@ class BetaMovingAverage(_StepAverage):
     Args:
         model: the model being fine-tuned, *before* its first optimizer step. DDP / DataParallel
             (``.module``) and ``torch.compile`` (``._orig_mod``) wrappers are seen through. Pass
-            only what trains (CLIPood averages the image tower), not the whole CLIP model.
+            only what trains (CLIPood averages the image tower), not the whole CLIP model. An
+            FSDP2-sharded model gives a sharded average (build it after ``fully_shard``).
         total_steps: T, the number of optimizer steps the run will take. It fixes the weights, so
             it must be known up front (from epochs × steps per epoch).
         beta: β of the symmetric Beta(β, β) weighting (0.5 default; 1 = uniform including θ_0,

@@ -3,6 +3,7 @@
     python recipes/imagenet_webdataset.py                       # the embedded default, offline, CPU
     python recipes/imagenet_webdataset.py -c my.yaml --lr 1e-5  # YAML defaults, flags override
     torchrun --nproc_per_node=8 recipes/imagenet_webdataset.py --train-shards 's3://b/in1k-{0000..1023}.tar' ...
+    torchrun --nproc_per_node=8 recipes/imagenet_webdataset.py --fsdp --model ViT-bigG-14 ...  # sharded tower
 
 The order of one step (docs/architecture): shards → streaming pipeline → image tower →
 MMSLoss against the frozen TextHead → backward, optimizer, scheduler → BetaMovingAverage update →
@@ -55,7 +56,14 @@ from clipood_plugin.official import (
     to_official_precision,
 )
 from clipood_plugin.templates import clean_classname, get_templates, render_template
-from clipood_plugin.training.checkpoint import CheckpointManager, capture_rng, load_checkpoint, restore_rng
+from clipood_plugin.training.checkpoint import (
+    CheckpointManager,
+    ShardedCheckpointManager,
+    capture_rng,
+    load_checkpoint,
+    per_rank_key,
+    restore_rng,
+)
 from clipood_plugin.training.distributed import (
     DistInfo,
     all_gather_objects,
@@ -176,6 +184,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="every N steps append the rank-averaged training loss to train_log.jsonl")
     g.add_argument("--seed", type=int, default=0, help="seeds model init, data order and augmentation")
     g.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    g.add_argument("--fsdp", action="store_true",
+                   help="shard the image tower over the ranks with FSDP2 (fully_shard, per block) instead of DDP; "
+                        "the averages hold shards, checkpoints are DCP step directories, and the final tower and "
+                        "averages are exported as tower/bma_tower/ema_tower.safetensors")
     g.add_argument("--cache-dir", default=None, help="cache for text heads and the embedded world")
     g.add_argument("--quick", action="store_true", help="embedded default only: a small world and few steps")
     return p
@@ -381,7 +393,8 @@ def check_official_flags(args: argparse.Namespace) -> None:
     """--numerics official is the official run: refuse what it does not have, rather than mix."""
     clashes = {"--amp": args.amp != "none", "--warmup-steps": args.warmup_steps > 0,
                "--clip-grad": args.clip_grad is not None, "--loss ce/carft": args.loss != "mms",
-               "--timm-tower": args.timm_tower is not None, "--ema-decay": args.ema_decay is not None}
+               "--timm-tower": args.timm_tower is not None, "--ema-decay": args.ema_decay is not None,
+               "--fsdp": bool(getattr(args, "fsdp", False))}
     bad = [flag for flag, clash in clashes.items() if clash]
     if bad:
         raise ValueError(f"--numerics official reproduces the official CLIPood step (fp16 weights, MMS, no autocast, "
@@ -413,6 +426,21 @@ def wise_tower(tower: nn.Module, zero_shot_state: dict[str, torch.Tensor], alpha
     mixed = copy.deepcopy(tower)
     mixed.load_state_dict(interpolate_weights(zero_shot_state, finetuned, alpha))
     return mixed
+
+
+def fsdp_state(tower: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, scaler: Any, bma: Any, ema: Any,
+               rng_keys: list[str]) -> dict[str, Any]:
+    """--fsdp: the DCP state, keyed as the single-file checkpoint. The tower and optimizer come as FQN-keyed
+    DTensor shards; the RNG of each rank under its own key (DCP saves a key that all ranks hold only once)."""
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    model_state, optim_state = get_state_dict(tower, optimizer)
+    state = {"state_dict": model_state, "optimizer": optim_state, "scheduler": scheduler.state_dict(),
+             "scaler": scaler.state_dict(), **{key: capture_rng() for key in rng_keys}}
+    for key, average in (("averager", bma), ("ema", ema)):
+        if average is not None:
+            state[key] = average.state_dict()
+    return state
 
 
 def write_summary(path: Path, row: dict[str, Any]) -> None:
@@ -489,6 +517,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     loss_fn = build_loss(args, model, tower, tokenizer, classnames, head, device, primary)
     zero_shot_state = {k: v.detach().to("cpu", copy=True) for k, v in tower.state_dict().items()} \
         if args.wise_alpha is not None else None
+    if args.fsdp:  # after the CAR-FT copy, before the optimizer and the averages: both must see the shards
+        from clipood_plugin.training.sharded import shard_tower
+
+        if args.wise_alpha is not None or args.amp == "fp16":
+            raise ValueError("--fsdp does not support --wise-alpha (it interpolates full copies of the tower) "
+                             "or --amp fp16 (GradScaler does not see shards; use --amp bf16)")
+        shard_tower(tower, device)
+        params = [p for p in tower.parameters() if p.requires_grad]  # fully_shard replaced them by DTensors
 
     # -- data: every rank takes the same number of steps ------------------------------------
     train = train_data(args, train_tf, len(classnames), dist_info)
@@ -516,26 +552,44 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     bma = None if args.no_bma else BetaMovingAverage(tower, total_steps=total_steps, beta=args.bma_beta,
                                                      storage="param" if official else "fp32")
     ema = None
-    if args.ema_decay is not None:
+    if args.ema_decay is not None and args.fsdp:  # the same lerp as below; AveragedModel's deepcopy fails on FSDP
+        from clipood_plugin import ExponentialMovingAverage
+
+        ema = ExponentialMovingAverage(tower, decay=args.ema_decay)
+    elif args.ema_decay is not None:
         from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
         ema = AveragedModel(tower, multi_avg_fn=get_ema_multi_avg_fn(args.ema_decay))
         ema.update_parameters(tower)
     train_tower: nn.Module = tower
-    if dist_info.distributed:
+    if dist_info.distributed and not args.fsdp:
         train_tower = nn.parallel.DistributedDataParallel(
             tower, device_ids=[device.index] if device.type == "cuda" else None)
     if args.torchcompile:
         train_tower = torch.compile(train_tower)
 
     # -- resume: model, averages, optimizer, schedule, RNG and the data position -----------
-    ckpt = CheckpointManager(out_dir / "checkpoints", keep_last=args.keep_checkpoints)
+    ckpt = (ShardedCheckpointManager if args.fsdp else CheckpointManager)(out_dir / "checkpoints",
+                                                                         keep_last=args.keep_checkpoints)
     step, start_epoch, skip_batches = 0, 0, 0
     resume_path = ckpt.latest() if args.resume == "auto" else (Path(args.resume) if args.resume else None)
-    if resume_path is not None:
+    if resume_path is not None and args.fsdp:  # every rank reads its shards, and its own RNG
+        from torch.distributed.checkpoint.state_dict import set_state_dict
+
+        state = fsdp_state(tower, optimizer, scheduler, scaler, bma, ema,
+                           [per_rank_key("rng", r) for r in range(dist_info.world_size)])
+        meta = ckpt.load(resume_path, state)
+        if meta["world_size"] != dist_info.world_size:
+            raise ValueError(f"{resume_path} was saved by {meta['world_size']} ranks; resume it with as many "
+                             "(each rank's RNG and data position are part of the exact resume)")
+        set_state_dict(tower, optimizer, model_state_dict=state.pop("state_dict"),
+                       optim_state_dict=state.pop("optimizer"))
+        state |= {**meta, "rng": state[per_rank_key("rng", dist_info.rank)]}
+    elif resume_path is not None:
         state = load_checkpoint(resume_path)
         tower.load_state_dict(state["state_dict"])
         optimizer.load_state_dict(state["optimizer"])
+    if resume_path is not None:
         scheduler.load_state_dict(state["scheduler"])
         scaler.load_state_dict(state["scaler"])
         if bma is not None:
@@ -549,6 +603,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             print(f"resumed from {resume_path} at step {step}", file=sys.stderr)
 
     def checkpoint(epoch: int, batches_in_epoch: int, metric: float | None = None) -> None:
+        if args.fsdp:  # a collective: every rank writes its own shards
+            ckpt.save(step, fsdp_state(tower, optimizer, scheduler, scaler, bma, ema,
+                                       [per_rank_key("rng", dist_info.rank)]),
+                      {"epoch": epoch, "batches_in_epoch": batches_in_epoch, "world_size": dist_info.world_size,
+                       "metric": metric, "args": vars(args)})
+            return
         if not primary:
             return
         state = {
@@ -566,7 +626,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     def run_eval(models: dict[str, nn.Module | None]) -> dict[str, float]:
         metrics: dict[str, float] = {}
-        if not primary:
+        if not primary and not args.fsdp:  # sharded: every rank joins each forward's all-gathers
             return metrics
         for name, urls, names in eval_sets:
             loader = make_eval_loader(urls, batch_size=args.batch_size, transform=eval_tf, num_classes=len(names),
@@ -574,8 +634,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             for prefix, net in models.items():
                 if net is None:
                     continue
-                result = evaluate(net, eval_heads[name], loader, device, amp_dtype=amp_dtype,
-                                  class_subset=subsets.get(name), base_classes=base_classes)
+                # --fsdp: an average is evaluated with its shards swapped into the sharded tower
+                with net.swapped_into(tower) if args.fsdp and net is not tower else contextlib.nullcontext(net) as net:
+                    result = evaluate(net, eval_heads[name], loader, device, amp_dtype=amp_dtype,
+                                      class_subset=subsets.get(name), base_classes=base_classes)
                 metrics.update({f"{prefix}_{name}_{k}": v for k, v in result.items() if k != "n"})
                 if len(eval_sets) == 1:
                     metrics.update({f"{prefix}_{k}": v for k, v in result.items() if k != "n"})
@@ -588,6 +650,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if not args.no_eval_zero_shot and step == 0 and eval_sets:  # the pretrained weights, as the official code
         results.update(run_eval({"eval_zs": tower}))
     trained = {"eval": tower, "eval_bma": bma.module if bma else None, "eval_ema": ema.module if ema else None}
+    if args.fsdp:
+        trained |= {"eval_bma": bma, "eval_ema": ema}
     with TrainProgress(total_steps, start_step=step, enabled=primary) as bar:
         for epoch in range(start_epoch, epochs):
             train.set_epoch(epoch)
@@ -601,7 +665,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 labels = labels.to(device, non_blocking=True)
                 micro += 1
                 boundary = micro % args.grad_accum == 0
-                sync = contextlib.nullcontext() if boundary or not dist_info.distributed else train_tower.no_sync()
+                if args.fsdp:  # FSDP2's no_sync: no reduce-scatter on accumulation micro-batches
+                    tower.set_requires_gradient_sync(boundary)
+                sync = (contextlib.nullcontext() if boundary or not dist_info.distributed or args.fsdp
+                        else train_tower.no_sync())
                 with sync, torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
                     loss = loss_fn(train_tower, images, labels) / args.grad_accum
                     scaler.scale(loss).backward()
@@ -657,7 +724,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             if step >= total_steps:
                 break
     results.update(step=step, total_steps=total_steps, skipped=train.num_skipped)
-    if bma is not None and dist_info.distributed:  # every rank averages the same DDP weights: check it
+    if args.fsdp:  # gathered to rank 0 one tensor at a time; each file loads into a bare tower
+        from clipood_plugin.training.sharded import export_full
+
+        export_full(out_dir, {"tower": tower, "bma_tower": bma, "ema_tower": ema})
+    elif bma is not None and dist_info.distributed:  # every rank averages the same DDP weights: check it
         fingerprint = sum(p.double().sum().item() for p in bma.module.parameters())
         results["bma_fingerprint_per_rank"] = all_gather_objects(fingerprint, dist_info)
         if primary and len(set(results["bma_fingerprint_per_rank"])) > 1:
