@@ -8,6 +8,9 @@ The order of one step (docs/architecture): shards → streaming pipeline → ima
 MMSLoss against the frozen TextHead → backward, optimizer, scheduler → BetaMovingAverage update →
 every epoch, evaluation of the raw and the averaged weights → an atomic checkpoint.
 
+Several ``--bma-beta`` values keep one average each in the same run; ``--posthoc-snapshots K``
+records the trajectory so that ``clipood-posthoc`` builds the average of any β after it.
+
 Defaults are the paper's: AdamW (wd 0.1), cosine schedule with no warmup, λ = 0.3, β = 0.5,
 T = the run's optimizer steps, only the image tower trains, and the model's own logit scale.
 """
@@ -20,6 +23,7 @@ import csv
 import json
 import math
 import os
+import re
 import signal
 import sys
 import time
@@ -37,6 +41,7 @@ from clipood_plugin._logging import no_random_init_warning
 from clipood_plugin.data.balanced import BalancedLoader, make_balanced_loader, parse_domain_urls
 from clipood_plugin.data.stream import TrainLoader, make_eval_loader, make_train_loader
 from clipood_plugin.data.urls import read_json, sibling_url
+from clipood_plugin.posthoc import TrajectorySnapshots
 from clipood_plugin.templates import get_templates
 from clipood_plugin.training.checkpoint import CheckpointManager, capture_rng, load_checkpoint, restore_rng
 from clipood_plugin.training.distributed import (
@@ -115,9 +120,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also evaluate WiSE-FT: (1-α)·zero-shot + α·fine-tuned weights (eval_wise_*)")
     g.add_argument("--mms-lambda", type=float, default=0.3, help="MMS margin strength λ")
     g.add_argument("--mms-scale", type=float, default=None, help="logit scale s (default: the model's exp(logit_scale))")
-    g.add_argument("--bma-beta", type=float, default=0.5, help="β of the Beta moving average (paper Eq. 6)")
+    g.add_argument("--bma-beta", type=float, nargs="+", default=[0.5],
+                   help="β of the Beta moving average (paper Eq. 6); several values keep one average each, "
+                        "updated every step and evaluated as eval_bma<β>_* (one value: eval_bma_*)")
     g.add_argument("--no-bma", action="store_true", help="do not keep a Beta moving average")
     g.add_argument("--ema-decay", type=float, default=None, help="also keep an EMA with this decay, for comparison")
+    g.add_argument("--posthoc-snapshots", type=int, default=0, metavar="K",
+                   help="record θ_0, θ_T and K segment means under OUTPUT/posthoc for post-hoc averages of any β "
+                        "(clipood-posthoc); disk: K + 2 fp32 copies of the tower; 0: off")
 
     g = p.add_argument_group("optimisation")
     g.add_argument("--epochs", type=int, default=1,
@@ -142,7 +152,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--checkpoint-interval", type=int, default=0,
                    help="also checkpoint every N optimizer steps (0: at epoch ends only)")
     g.add_argument("--keep-checkpoints", type=int, default=3, help="step checkpoints to keep besides last and best")
-    g.add_argument("--eval-metric", default="eval_bma_top1", help="metric that picks best.pt")
+    g.add_argument("--eval-metric", default="eval_bma_top1",
+                   help="metric that picks best.pt; a '*' pattern takes the best match, e.g. 'eval_bma*_val_top1' "
+                        "picks the β with the best source-validation top-1 (its average becomes state_dict_ema)")
     g.add_argument("--no-eval-zero-shot", action="store_true",
                    help="skip evaluating the pretrained (zero-shot) weights before training")
     g.add_argument("--log-interval", type=int, default=10,
@@ -164,7 +176,29 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         if unknown:
             parser.error(f"{first.config}: unknown keys {unknown}")
         parser.set_defaults(**defaults)
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    betas = args.bma_beta if isinstance(args.bma_beta, list) else [args.bma_beta]  # a YAML scalar is one β
+    args.bma_beta = [float(b) for b in betas]
+    if len(set(args.bma_beta)) < len(args.bma_beta):
+        parser.error(f"--bma-beta repeats a value: {args.bma_beta}")
+    if args.posthoc_snapshots < 0:
+        parser.error(f"--posthoc-snapshots must be >= 0, got {args.posthoc_snapshots}")
+    return args
+
+
+def bma_prefix(beta: float, betas: list[float]) -> str:
+    """Metric prefix of the average with this β: eval_bma for a single β, else eval_bma<β> (eval_bma0.1)."""
+    return "eval_bma" if len(betas) == 1 else f"eval_bma{beta:g}"
+
+
+def select_metric(metrics: dict[str, Any], pattern: str) -> tuple[float | None, str | None]:
+    """(value, key) of --eval-metric: the metric itself, or the best of those a '*' pattern matches."""
+    import fnmatch
+
+    keys = [k for k in metrics if fnmatch.fnmatchcase(k, pattern)] if "*" in pattern else [pattern]
+    keys = [k for k in keys if isinstance(metrics.get(k), (int, float)) and metrics[k] == metrics[k]]
+    best = max(keys, key=lambda k: metrics[k], default=None)
+    return (None, None) if best is None else (float(metrics[best]), best)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -361,8 +395,10 @@ def print_results_table(results: dict[str, Any], eval_names: list[str], out_dir:
     from rich.console import Console
     from rich.table import Table
 
-    columns = [("eval_zs", "zero-shot"), ("eval", "fine-tuned"), ("eval_bma", "BMA (CLIPood)"), ("eval_ema", "EMA"),
-               ("eval_wise", "WiSE-FT")]
+    bma_columns = sorted({m.group(1) for k in results if (m := re.match(r"^(eval_bma[0-9.e+-]+)_", k))},
+                         key=lambda p: float(p[len("eval_bma"):]))
+    columns = [("eval_zs", "zero-shot"), ("eval", "fine-tuned"), ("eval_bma", "BMA (CLIPood)"),
+               *[(p, f"BMA β={p[len('eval_bma'):]}") for p in bma_columns], ("eval_ema", "EMA"), ("eval_wise", "WiSE-FT")]
     columns = [(p, title) for p, title in columns if any(f"{p}_{n}_top1" in results for n in eval_names)]
     table = Table(title=f"top-1 accuracy (%), {out_dir}")
     table.add_column("eval set")
@@ -433,7 +469,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     scheduler = cosine_with_warmup(optimizer, total_steps, args.warmup_steps)
     amp_dtype = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.amp]
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype is torch.float16)
-    bma = None if args.no_bma else BetaMovingAverage(tower, total_steps=total_steps, beta=args.bma_beta)
+    bmas = {} if args.no_bma else {bma_prefix(b, args.bma_beta): BetaMovingAverage(tower, total_steps=total_steps, beta=b)
+                                   for b in args.bma_beta}  # one average per β, all updated every step
+    ema_prefix = next(iter(bmas), None)  # the average saved as state_dict_ema (--eval-metric '*' may switch it)
+    recorder = (TrajectorySnapshots(tower, total_steps, segments=args.posthoc_snapshots, directory=out_dir / "posthoc")
+                if args.posthoc_snapshots and primary else None)  # θ_0 recorded here, before any step or resume
     ema = None
     if args.ema_decay is not None:
         from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
@@ -457,8 +497,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         scaler.load_state_dict(state["scaler"])
-        if bma is not None:
-            bma.load_state_dict(state["averager"])
+        saved = state.get("averagers") or ({f"{args.bma_beta[0]:g}": state["averager"]} if "averager" in state else {})
+        for avg in bmas.values():
+            if f"{avg.beta:g}" not in saved:
+                raise ValueError(f"{resume_path} holds no BMA for β={avg.beta:g} (it has β {sorted(saved)})")
+            avg.load_state_dict(saved[f"{avg.beta:g}"])
+        ema_prefix = state.get("state_dict_ema_prefix") if state.get("state_dict_ema_prefix") in bmas else ema_prefix
+        if recorder is not None:
+            if "posthoc" not in state:
+                raise ValueError(f"{resume_path} was saved without --posthoc-snapshots: a recording cannot start mid-run")
+            recorder.load_state_dict(state["posthoc"])
         if ema is not None and "ema" in state:
             ema.load_state_dict(state["ema"])
         restore_rng(state["rng"])
@@ -476,9 +524,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
             "scaler": scaler.state_dict(), "rng": capture_rng(), "best_metric": ckpt.best_metric,
         }
-        if bma is not None:
-            state["state_dict_ema"] = bma.module.state_dict()  # what timm's readers load
-            state["averager"] = bma.state_dict()
+        if bmas:
+            state["state_dict_ema"] = bmas[ema_prefix].module.state_dict()  # what timm's readers load
+            state["state_dict_ema_prefix"] = ema_prefix
+            state["averager"] = next(iter(bmas.values())).state_dict()  # the first β, as with a single one
+            state["averagers"] = {f"{avg.beta:g}": avg.state_dict() for avg in bmas.values()}
+        if recorder is not None:
+            state["posthoc"] = recorder.state_dict()  # the open segment: a kill mid-segment loses nothing
         if ema is not None:
             state["ema"] = ema.state_dict()
         ckpt.save(step, state, metric)
@@ -506,7 +558,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     results: dict[str, Any] = {}
     if not args.no_eval_zero_shot and step == 0 and eval_sets:  # the pretrained weights, as the official code
         results.update(run_eval({"eval_zs": tower}))
-    trained = {"eval": tower, "eval_bma": bma.module if bma else None, "eval_ema": ema.module if ema else None}
+    trained = {"eval": tower, **{p: avg.module for p, avg in bmas.items()}, "eval_ema": ema.module if ema else None}
     with TrainProgress(total_steps, start_step=step, enabled=primary) as bar:
         for epoch in range(start_epoch, epochs):
             train.set_epoch(epoch)
@@ -537,8 +589,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 step += 1
                 loss_sum = loss_acc.item()  # the one host sync per optimizer step
                 loss_acc.zero_()
-                if bma is not None:
-                    bma.update_parameters(tower)
+                for avg in bmas.values():
+                    avg.update_parameters(tower)
+                if recorder is not None:
+                    recorder.update_parameters(tower)
                 if ema is not None:
                     ema.update_parameters(tower)
                 bar.advance(images=len(images) * args.grad_accum * dist_info.world_size, loss=loss_sum,
@@ -569,12 +623,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     bar.log(f"epoch {epoch} {name}: " + ", ".join(
                         f"{p} {metrics[f'{p}_{name}_top1']:.1f}" for p in [*trained, "eval_wise"]
                         if f"{p}_{name}_top1" in metrics))
-            checkpoint(epoch + 1, 0, metrics.get(args.eval_metric))
+            value, chosen = select_metric(metrics, args.eval_metric)
+            if chosen is not None and "*" in args.eval_metric:
+                results["eval_metric_selected"] = chosen
+                ema_prefix = next((p for p in bmas if chosen.startswith(p + "_")), ema_prefix)
+            checkpoint(epoch + 1, 0, value)
             if step >= total_steps:
                 break
     results.update(step=step, total_steps=total_steps, skipped=train.num_skipped)
-    if bma is not None and dist_info.distributed:  # every rank averages the same DDP weights: check it
-        fingerprint = sum(p.double().sum().item() for p in bma.module.parameters())
+    if bmas and dist_info.distributed:  # every rank averages the same DDP weights: check it
+        fingerprint = sum(p.double().sum().item() for p in next(iter(bmas.values())).module.parameters())
         results["bma_fingerprint_per_rank"] = all_gather_objects(fingerprint, dist_info)
         if primary and len(set(results["bma_fingerprint_per_rank"])) > 1:
             print(f"warning: BMA weights differ across ranks: {results['bma_fingerprint_per_rank']}", file=sys.stderr)
