@@ -177,13 +177,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             parser.error(f"{first.config}: unknown keys {unknown}")
         parser.set_defaults(**defaults)
     args = parser.parse_args(argv)
-    betas = args.bma_beta if isinstance(args.bma_beta, list) else [args.bma_beta]  # a YAML scalar is one β
-    args.bma_beta = [float(b) for b in betas]
-    if len(set(args.bma_beta)) < len(args.bma_beta):
+    if len(set(bma_betas(args))) < len(bma_betas(args)):
         parser.error(f"--bma-beta repeats a value: {args.bma_beta}")
     if args.posthoc_snapshots < 0:
         parser.error(f"--posthoc-snapshots must be >= 0, got {args.posthoc_snapshots}")
     return args
+
+
+def bma_betas(args: argparse.Namespace) -> list[float]:
+    """The --bma-beta values as a list (a YAML config may give one β as a scalar)."""
+    return [float(b) for b in (args.bma_beta if isinstance(args.bma_beta, list) else [args.bma_beta])]
 
 
 def bma_prefix(beta: float, betas: list[float]) -> str:
@@ -469,8 +472,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     scheduler = cosine_with_warmup(optimizer, total_steps, args.warmup_steps)
     amp_dtype = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.amp]
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype is torch.float16)
-    bmas = {} if args.no_bma else {bma_prefix(b, args.bma_beta): BetaMovingAverage(tower, total_steps=total_steps, beta=b)
-                                   for b in args.bma_beta}  # one average per β, all updated every step
+    betas = bma_betas(args)
+    bmas = {} if args.no_bma else {bma_prefix(b, betas): BetaMovingAverage(tower, total_steps=total_steps, beta=b)
+                                   for b in betas}  # one average per β, all updated every step
     ema_prefix = next(iter(bmas), None)  # the average saved as state_dict_ema (--eval-metric '*' may switch it)
     recorder = (TrajectorySnapshots(tower, total_steps, segments=args.posthoc_snapshots, directory=out_dir / "posthoc")
                 if args.posthoc_snapshots and primary else None)  # θ_0 recorded here, before any step or resume
@@ -497,7 +501,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         scaler.load_state_dict(state["scaler"])
-        saved = state.get("averagers") or ({f"{args.bma_beta[0]:g}": state["averager"]} if "averager" in state else {})
+        saved = state.get("averagers") or ({f"{betas[0]:g}": state["averager"]} if "averager" in state else {})
         for avg in bmas.values():
             if f"{avg.beta:g}" not in saved:
                 raise ValueError(f"{resume_path} holds no BMA for β={avg.beta:g} (it has β {sorted(saved)})")
