@@ -628,6 +628,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                         f"{p} {metrics[f'{p}_{name}_top1']:.1f}" for p in [*trained, "eval_wise"]
                         if f"{p}_{name}_top1" in metrics))
             value, chosen = select_metric(metrics, args.eval_metric)
+            if value is None and metrics and epoch == start_epoch:  # e.g. eval_bma_top1 with several β
+                print(f"warning: --eval-metric {args.eval_metric!r} matches no metric, so best.pt is not written; "
+                      f"metrics: {', '.join(sorted(k for k in metrics if k.endswith('top1')))}", file=sys.stderr)
             if chosen is not None and "*" in args.eval_metric:
                 results["eval_metric_selected"] = chosen
                 ema_prefix = next((p for p in bmas if chosen.startswith(p + "_")), ema_prefix)
