@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import signal
 import subprocess
 import sys
@@ -146,3 +147,26 @@ def test_clipood_posthoc_command_on_the_run(multi_run: Path, tmp_path: Path) -> 
     timm_load(tower, summary["checkpoint"])  # a timm-loadable checkpoint of the chosen average
     chosen = beta_average(load_snapshots(multi_run), summary["selected_beta"])
     assert all(torch.equal(v, chosen[k]) for k, v in tower.state_dict().items())
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(os.environ.get("CLIPOOD_SLOW_TESTS") != "1", reason="pretrains the tiny CLIP; set CLIPOOD_SLOW_TESTS=1")
+def test_embedded_world_posthoc_top1_within_0_3_points_of_exact(tmp_path: Path) -> None:
+    """The embedded default (pretrained tiny CLIP, 300 steps, five domains), K = 32: post-hoc and
+    exact averages of each β agree on every eval set's top-1 to 0.3 points."""
+    out = tmp_path / "embedded"
+    proc = run(["--bma-beta", "0.1", "0.5", "1", "2", "--posthoc-snapshots", "32", "--output", str(out)],
+               timeout=3600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    cmd = [sys.executable, "-m", "clipood_plugin.posthoc", str(out), "--beta", "0.1", "0.5", "1", "2",
+           "--compare-exact"]
+    proc = subprocess.run(cmd, env=ENV, cwd=ROOT, capture_output=True, text=True, timeout=1800)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((out / "posthoc.json").read_text())
+    results = json.loads((out / "results.json").read_text())
+    assert set(summary["exact"]) == {"0.1", "0.5", "1", "2"}
+    for beta, per_set in summary["posthoc"].items():
+        assert summary["relative_weight_error_vs_exact"][beta] <= 0.01
+        for name, metrics in per_set.items():
+            exact = results[f"eval_bma{beta}_{name}_top1"]
+            assert abs(metrics["top1"] - exact) <= 0.3, (beta, name, metrics["top1"], exact)

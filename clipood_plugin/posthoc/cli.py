@@ -243,7 +243,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     chosen = max(grid, key=lambda b: grid[b][select]["top1"]) if select else None
 
     table = Table(title=f"post-hoc BMA, horizon {horizon} of {snapshots.total_steps} steps, {run_dir}")
-    table.add_column("β")
+    table.add_column("β", no_wrap=True)
     for name in names:
         table.add_column(f"{name} top-1" + (" (selects)" if name == select else ""), justify="right")
     table.add_column("weight error vs exact", justify="right")
