@@ -262,3 +262,19 @@ def test_a_stale_file_from_another_recording_is_skipped(trajectory, tmp_path: Pa
         warnings.simplefilter("always")
         snapshots = load_snapshots(tmp_path / "new")
     assert snapshots.recorded_steps <= 3 and any("do not belong" in str(w.message) for w in caught)
+
+
+def test_segments_partition_the_steps_and_are_single_steps_for_short_runs() -> None:
+    from clipood_plugin.posthoc.layout import segment_spans
+
+    for segments in (1, 2, 8, 32, 64):
+        for total in (1, 2, 3, 7, 20, 21, 41, 300, 5000):
+            spans = segment_spans(segment_boundaries(total, segments))
+            covered = [t for start, end in spans for t in range(start, end + 1)]
+            assert covered == list(range(1, total)), (segments, total)  # 1..T−1, each once, in order
+            assert len(spans) <= segments
+            if total <= 2 * segments / math.pi:
+                assert all(start == end for start, end in spans), (segments, total)
+    first = segment_spans(segment_boundaries(5000, 32))
+    lengths = [end - start + 1 for start, end in first]
+    assert lengths[0] < lengths[len(lengths) // 2] > lengths[-1]  # finer near both ends

@@ -8,8 +8,8 @@ Segments. A run of T optimizer steps has the exact points θ_0 and θ_T and, for
 ``b_j = round(T · (1 − cos(π j / K)) / 2)`` for j = 0..K (duplicates dropped), so segments are
 shortest at both ends of the run, where Beta(β, β) weights with β < 1 pile up and change fastest,
 and longest in the middle, where they are flat. Segment j holds the mean of θ_t over
-``b_j < t ≤ b_{j+1}``; the last one stops at T − 1 because θ_T is kept exactly. With T ≤ K most
-segments are single steps and the recording is exact.
+``b_j < t ≤ b_{j+1}``; the last one stops at T − 1 because θ_T is kept exactly. With T ≤ 2K/π
+(20 steps for K = 32) every segment is a single step and the recording is exact.
 
 Files in the recording directory::
 

@@ -23,8 +23,8 @@ single-step move ``‖θ_t − θ_{t−1}‖``::
 (:func:`error_bound`): quadratic in the segment lengths L_S and linear in how much the weights
 vary within a segment. That is why the boundaries are cosine-spaced: the Beta weights with β < 1
 vary fastest near both ends, where segments are shortest. The bound is a worst case (every step
-of length δ, all in one direction); on real trajectories the error is one to two orders of
-magnitude smaller (measured: README, "Choosing β after the run").
+of length δ, all in one direction); on the trajectories we measured the error is 8–28× smaller
+(benchmarks/RESULTS.md).
 
 Files are read with safetensors (never unpickled), one tensor at a time across all files, so
 averaging needs memory for a few copies of one tensor, not K copies of the model.
