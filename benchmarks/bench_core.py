@@ -182,6 +182,8 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="small tower and few rounds (smoke run)")
     parser.add_argument("--write", action="store_true", help=f"append the results to {RESULTS.name}")
     parser.add_argument("--averages-only", action="store_true", help="skip the MMSLoss rows")
+    parser.add_argument("--rounds", type=int, default=None,
+                        help="rounds of the averaging comparisons (default 9, 3 with --quick); more on a busy machine")
     args = parser.parse_args()
     device = torch.device(args.device)
     console = Console()
@@ -200,7 +202,8 @@ def main() -> None:
     name = "ViT-S-16" if args.quick else "ViT-B-16"
     tower = open_clip.create_model(name, pretrained=None).visual
     n_params = sum(p.numel() for p in tower.parameters())
-    t = bench_bma(tower, device, rounds=3 if args.quick else 9)
+    average_rounds = args.rounds or (3 if args.quick else 9)
+    t = bench_bma(tower, device, rounds=average_rounds)
     floor = t["foreach_lerp_ floor"]
     label = f"{name} image tower ({n_params / 1e6:.1f}M params), one update"
     for method in ("BetaMovingAverage", "AveragedModel+EMA", "timm ModelEmaV3", "official rule"):
@@ -208,7 +211,7 @@ def main() -> None:
         rows.append((f"{method}: {label}", "foreach_lerp_ floor", t[method] * 1e6, t[method] / floor, target))
     rows.append(("BMA speed-up over the official rule", "", 0.0, t["official rule"] / t["BetaMovingAverage"], "> 1"))
     k = 3
-    t = bench_several(tower, device, rounds=3 if args.quick else 9, k=k)
+    t = bench_several(tower, device, rounds=average_rounds, k=k)
     base = t["one BMA update"]
     tower_label = f"{name} image tower ({n_params / 1e6:.1f}M params)"
     rows.append((f"{k} BMA updates per step (--bma-beta ×{k}): {tower_label}", "one BMA update", t[f"{k} BMA updates"] * 1e6,
