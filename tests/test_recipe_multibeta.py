@@ -170,3 +170,16 @@ def test_embedded_world_posthoc_top1_within_0_3_points_of_exact(tmp_path: Path) 
         for name, metrics in per_set.items():
             exact = results[f"eval_bma{beta}_{name}_top1"]
             assert abs(metrics["top1"] - exact) <= 0.3, (beta, name, metrics["top1"], exact)
+
+
+def test_clipood_posthoc_early_stop_horizon_and_bad_horizon(multi_run: Path, tmp_path: Path) -> None:
+    from clipood_plugin.posthoc.cli import main
+
+    summary = main([str(multi_run), "--beta", "0.5", "--horizon", "10", "--output", str(tmp_path)])
+    assert summary["horizon"] == 10 and summary["relative_weight_error_vs_exact"] == {}  # exact BMAs end at T
+    assert summary["selected_beta"] == 0.5  # the run's eval sets include one named val
+    saved = load_checkpoint(tmp_path / "posthoc-bma0.5.pt")
+    expected = beta_average(load_snapshots(multi_run), 0.5, total_steps=10)
+    assert saved["horizon"] == 10 and all(torch.equal(saved["state_dict"][k], v) for k, v in expected.items())
+    with pytest.raises(SystemExit, match="not a recorded segment boundary"):
+        main([str(multi_run), "--beta", "0.5", "--horizon", "11", "--output", str(tmp_path)])
