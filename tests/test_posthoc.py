@@ -278,3 +278,25 @@ def test_segments_partition_the_steps_and_are_single_steps_for_short_runs() -> N
     first = segment_spans(segment_boundaries(5000, 32))
     lengths = [end - start + 1 for start, end in first]
     assert lengths[0] < lengths[len(lengths) // 2] > lengths[-1]  # finer near both ends
+
+
+def test_a_bf16_model_gets_fp32_means_of_its_bf16_weights(tmp_path: Path) -> None:
+    net = make_net().to(torch.bfloat16)
+    rec = TrajectorySnapshots(net, total_steps=6, segments=1, directory=tmp_path)  # one mean: steps 1..5
+    seen = []
+    for _ in range(6):
+        with torch.no_grad():
+            for p in net.parameters():
+                p.add_(torch.randn_like(p) * 0.01)
+        seen.append({k: v.double() for k, v in net.named_parameters()})
+        rec.update_parameters(net)
+    snapshots = load_snapshots(tmp_path)
+    (segment,) = snapshots.segments
+    from safetensors.torch import load_file
+
+    mean = load_file(segment.path)
+    for name, value in mean.items():
+        assert value.dtype == torch.float32
+        expected = sum(s[name] for s in seen[:5]) / 5  # float64 mean of the bf16 weights
+        torch.testing.assert_close(value.double(), expected, rtol=0, atol=1e-6)
+    assert snapshots.state(6)["0.weight"].dtype == torch.bfloat16  # exact points keep the model's dtype

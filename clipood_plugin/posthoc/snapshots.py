@@ -27,7 +27,8 @@ of length δ, all in one direction); on the trajectories we measured the error i
 (benchmarks/RESULTS.md).
 
 Files are read with safetensors (never unpickled), one tensor at a time across all files, so
-averaging needs memory for a few copies of one tensor, not K copies of the model.
+averaging needs working memory for a few copies of one tensor (besides the averages it returns),
+not K copies of the model.
 """
 
 from __future__ import annotations
