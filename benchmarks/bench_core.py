@@ -1,4 +1,4 @@
-"""Core benchmarks: MMSLoss against cross-entropy, one BMA update against the bandwidth floor.
+"""Core benchmarks: MMSLoss against cross-entropy, one BMA update against the bandwidth floor, k averages.
 
 A script, not a test. Every comparison is measured in one run, interleaved round by round, and
 printed as a ratio, because absolute times drift on shared machines. Usage::
@@ -10,6 +10,10 @@ printed as a ratio, because absolute times drift on shared machines. Usage::
 Targets (issue "Core"): MMSLoss forward+backward ≤ 1.10× plain cross-entropy on scaled cosine
 logits; one BMA update ≤ 1.15× a bare ``torch._foreach_lerp_`` over the same tensors, and faster
 than the official per-parameter rule ``avg = (avg + r·θ) / (1 + r)``.
+
+Issue "Choosing β without a second run": k BMA updates (the recipe's ``--bma-beta 0.1 0.5 1.0``)
+cost close to k times one, not more; a ``TrajectorySnapshots`` update inside a segment costs about
+one BMA update; a segment close adds one host copy and safetensors write of the tower (K per run).
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ from rich.table import Table
 from torch import nn
 
 from clipood_plugin import BetaMovingAverage, MMSLoss
+from clipood_plugin.posthoc import TrajectorySnapshots
 
 RESULTS = Path(__file__).with_name("RESULTS.md")
 
@@ -127,6 +132,44 @@ def bench_bma(tower: nn.Module, device: torch.device, rounds: int, storage: str 
     return interleaved(fns, rounds, 1, device)
 
 
+def bench_several(tower: nn.Module, device: torch.device, rounds: int, k: int = 3) -> dict[str, float]:
+    """k BMA updates per step (one per β) against one, and a trajectory-recorder update."""
+    import tempfile
+
+    tower = tower.to(device)
+    total = 10_000
+    betas = (0.1, 0.5, 1.0, 2.0, 0.25)[:k]
+    one = BetaMovingAverage(tower, total_steps=total, beta=0.5)
+    several = [BetaMovingAverage(tower, total_steps=total, beta=b) for b in betas]
+    scratch = tempfile.TemporaryDirectory()
+    # a long horizon: the first segment spans thousands of steps, so no update below closes one
+    recorder = TrajectorySnapshots(tower, total_steps=1_000_000, segments=32, directory=scratch.name)
+    recorder.update_parameters(tower)  # the first update of a segment is a copy; time the lerps after it
+
+    def update(avg: BetaMovingAverage) -> None:
+        if avg.steps >= total:
+            avg.set(tower)
+        avg.update_parameters(tower)
+
+    def write_segment() -> None:  # what closing a segment adds: host copy + atomic safetensors write
+        from safetensors.torch import save_file
+
+        from clipood_plugin._io import atomic_path
+
+        with atomic_path(Path(scratch.name) / "bench.safetensors") as tmp:
+            save_file({n: p.detach().to("cpu").contiguous() for n, p in tower.named_parameters()}, str(tmp))
+
+    fns = {
+        "one BMA update": lambda: update(one),
+        f"{k} BMA updates": lambda: [update(avg) for avg in several],
+        "TrajectorySnapshots update": lambda: recorder.update_parameters(tower),
+    }
+    times = interleaved(fns, rounds, 1, device)
+    times["segment close (write)"] = interleaved({"w": write_segment}, max(3, rounds // 3), 1, device)["w"]
+    scratch.cleanup()
+    return times
+
+
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
@@ -141,13 +184,16 @@ def main() -> None:
     parser.add_argument("--dtype", choices=["fp32", "bf16", "official"], default="fp32",
                         help="the tower's weights: fp32, bf16, or the official fp16 precision (BMA storage='param')")
     parser.add_argument("--json", default=None, help="also write the rows here")
+    parser.add_argument("--averages-only", action="store_true", help="skip the MMSLoss rows")
+    parser.add_argument("--rounds", type=int, default=None,
+                        help="rounds of the averaging comparisons (default 9, 3 with --quick); more on a busy machine")
     args = parser.parse_args()
     device = torch.device(args.device)
     console = Console()
     rows: list[tuple[str, str, float, float, str]] = []
 
     rounds = 5 if args.quick else 15
-    for batch, classes, dim in ((256, 1000, 512), (36, 65, 512)):
+    for batch, classes, dim in () if args.averages_only else ((256, 1000, 512), (36, 65, 512)):
         inner = 20 if args.quick else 100
         t = bench_mms(batch, classes, dim, device, rounds, inner)
         for method, target in (("MMSLoss", "≤ 1.10"), ("MMSLoss, check_inputs=False", "")):
@@ -165,13 +211,24 @@ def main() -> None:
 
         tower = to_official_precision(tower)
     n_params = sum(p.numel() for p in tower.parameters())
-    t = bench_bma(tower, device, rounds=3 if args.quick else 9, storage="param" if args.dtype == "official" else "fp32")
+    average_rounds = args.rounds or (3 if args.quick else 9)
+    t = bench_bma(tower, device, rounds=average_rounds, storage="param" if args.dtype == "official" else "fp32")
     floor = t["foreach_lerp_ floor"]
     label = f"{name} image tower ({n_params / 1e6:.1f}M params, {args.dtype} weights), one update"
     for method in ("BetaMovingAverage", "AveragedModel+EMA", "timm ModelEmaV3", "official rule"):
         target = {"BetaMovingAverage": "≤ 1.15", "official rule": "> BMA"}.get(method, "")
         rows.append((f"{method}: {label}", "foreach_lerp_ floor", t[method] * 1e6, t[method] / floor, target))
     rows.append(("BMA speed-up over the official rule", "", 0.0, t["official rule"] / t["BetaMovingAverage"], "> 1"))
+    k = 3
+    t = bench_several(tower, device, rounds=average_rounds, k=k)
+    base = t["one BMA update"]
+    tower_label = f"{name} image tower ({n_params / 1e6:.1f}M params)"
+    rows.append((f"{k} BMA updates per step (--bma-beta ×{k}): {tower_label}", "one BMA update", t[f"{k} BMA updates"] * 1e6,
+                 t[f"{k} BMA updates"] / base, f"≈ {k} (≤ {1.05 * k:.2f})"))
+    rows.append((f"TrajectorySnapshots update inside a segment: {tower_label}", "one BMA update",
+                 t["TrajectorySnapshots update"] * 1e6, t["TrajectorySnapshots update"] / base, "≤ 1.15"))
+    rows.append((f"segment close, host copy + safetensors write (K per run): {tower_label}", "one BMA update",
+                 t["segment close (write)"] * 1e6, t["segment close (write)"] / base, ""))
 
     table = Table(title=f"bench_core on {device_name(device)}, torch {torch.__version__}")
     for col in ("case", "baseline", "time / call (µs)", "ratio", "target"):

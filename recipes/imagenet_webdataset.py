@@ -9,6 +9,9 @@ The order of one step (docs/architecture): shards → streaming pipeline → ima
 MMSLoss against the frozen TextHead → backward, optimizer, scheduler → BetaMovingAverage update →
 every epoch, evaluation of the raw and the averaged weights → an atomic checkpoint.
 
+Several ``--bma-beta`` values keep one average each in the same run; ``--posthoc-snapshots K``
+records the trajectory so that ``clipood-posthoc`` builds the average of any β after it.
+
 Defaults are the paper's: AdamW (wd 0.1), cosine schedule with no warmup, λ = 0.3, β = 0.5,
 T = the run's optimizer steps, only the image tower trains, and the model's own logit scale.
 
@@ -26,6 +29,7 @@ import csv
 import json
 import math
 import os
+import re
 import signal
 import sys
 import time
@@ -55,6 +59,7 @@ from clipood_plugin.official import (
     official_transforms,
     to_official_precision,
 )
+from clipood_plugin.posthoc import TrajectorySnapshots
 from clipood_plugin.templates import clean_classname, get_templates, render_template
 from clipood_plugin.training.checkpoint import (
     CheckpointManager,
@@ -150,9 +155,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also evaluate WiSE-FT: (1-α)·zero-shot + α·fine-tuned weights (eval_wise_*)")
     g.add_argument("--mms-lambda", type=float, default=0.3, help="MMS margin strength λ")
     g.add_argument("--mms-scale", type=float, default=None, help="logit scale s (default: the model's exp(logit_scale))")
-    g.add_argument("--bma-beta", type=float, default=0.5, help="β of the Beta moving average (paper Eq. 6)")
+    g.add_argument("--bma-beta", type=float, nargs="+", default=[0.5],
+                   help="β of the Beta moving average (paper Eq. 6); several values keep one average each, "
+                        "updated every step and evaluated as eval_bma<β>_* (one value: eval_bma_*)")
     g.add_argument("--no-bma", action="store_true", help="do not keep a Beta moving average")
     g.add_argument("--ema-decay", type=float, default=None, help="also keep an EMA with this decay, for comparison")
+    g.add_argument("--posthoc-snapshots", type=int, default=0, metavar="K",
+                   help="record θ_0, θ_T and K segment means under OUTPUT/posthoc for post-hoc averages of any β "
+                        "(clipood-posthoc); disk: K + 2 fp32 copies of the tower; 0: off")
 
     g = p.add_argument_group("optimisation")
     g.add_argument("--epochs", type=int, default=1,
@@ -177,7 +187,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--checkpoint-interval", type=int, default=0,
                    help="also checkpoint every N optimizer steps (0: at epoch ends only)")
     g.add_argument("--keep-checkpoints", type=int, default=3, help="step checkpoints to keep besides last and best")
-    g.add_argument("--eval-metric", default="eval_bma_top1", help="metric that picks best.pt")
+    g.add_argument("--eval-metric", default="eval_bma_top1",
+                   help="metric that picks best.pt; a '*' pattern takes the best match, e.g. 'eval_bma*_val_top1' "
+                        "picks the β with the best source-validation top-1 (its average becomes state_dict_ema)")
     g.add_argument("--no-eval-zero-shot", action="store_true",
                    help="skip evaluating the pretrained (zero-shot) weights before training")
     g.add_argument("--log-interval", type=int, default=10,
@@ -203,7 +215,32 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         if unknown:
             parser.error(f"{first.config}: unknown keys {unknown}")
         parser.set_defaults(**defaults)
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if len(set(bma_betas(args))) < len(bma_betas(args)):
+        parser.error(f"--bma-beta repeats a value: {args.bma_beta}")
+    if args.posthoc_snapshots < 0:
+        parser.error(f"--posthoc-snapshots must be >= 0, got {args.posthoc_snapshots}")
+    return args
+
+
+def bma_betas(args: argparse.Namespace) -> list[float]:
+    """The --bma-beta values as a list (a YAML config may give one β as a scalar)."""
+    return [float(b) for b in (args.bma_beta if isinstance(args.bma_beta, list) else [args.bma_beta])]
+
+
+def bma_prefix(beta: float, betas: list[float]) -> str:
+    """Metric prefix of the average with this β: eval_bma for a single β, else eval_bma<β> (eval_bma0.1)."""
+    return "eval_bma" if len(betas) == 1 else f"eval_bma{beta:g}"
+
+
+def select_metric(metrics: dict[str, Any], pattern: str) -> tuple[float | None, str | None]:
+    """(value, key) of --eval-metric: the metric itself, or the best of those a '*' pattern matches."""
+    import fnmatch
+
+    keys = [k for k in metrics if fnmatch.fnmatchcase(k, pattern)] if "*" in pattern else [pattern]
+    keys = [k for k in keys if isinstance(metrics.get(k), (int, float)) and metrics[k] == metrics[k]]
+    best = max(keys, key=lambda k: metrics[k], default=None)
+    return (None, None) if best is None else (float(metrics[best]), best)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -457,8 +494,10 @@ def print_results_table(results: dict[str, Any], eval_names: list[str], out_dir:
     from rich.console import Console
     from rich.table import Table
 
-    columns = [("eval_zs", "zero-shot"), ("eval", "fine-tuned"), ("eval_bma", "BMA (CLIPood)"), ("eval_ema", "EMA"),
-               ("eval_wise", "WiSE-FT")]
+    bma_columns = sorted({m.group(1) for k in results if (m := re.match(r"^(eval_bma[0-9.e+-]+)_", k))},
+                         key=lambda p: float(p[len("eval_bma"):]))
+    columns = [("eval_zs", "zero-shot"), ("eval", "fine-tuned"), ("eval_bma", "BMA (CLIPood)"),
+               *[(p, f"BMA β={p[len('eval_bma'):]}") for p in bma_columns], ("eval_ema", "EMA"), ("eval_wise", "WiSE-FT")]
     columns = [(p, title) for p, title in columns if any(f"{p}_{n}_top1" in results for n in eval_names)]
     table = Table(title=f"top-1 accuracy (%), {out_dir}")
     table.add_column("eval set")
@@ -523,6 +562,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if args.wise_alpha is not None or args.amp == "fp16":
             raise ValueError("--fsdp does not support --wise-alpha (it interpolates full copies of the tower) "
                              "or --amp fp16 (GradScaler does not see shards; use --amp bf16)")
+        if len(bma_betas(args)) > 1 or args.posthoc_snapshots:
+            raise ValueError("--fsdp keeps one Beta moving average: give one --bma-beta and no --posthoc-snapshots "
+                             "(the recorder is not sharded)")
         shard_tower(tower, device)
         params = [p for p in tower.parameters() if p.requires_grad]  # fully_shard replaced them by DTensors
 
@@ -549,8 +591,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     amp_dtype = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.amp]
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype is torch.float16)
     stepper = OfficialPrecisionStep(optimizer, tower) if official else None
-    bma = None if args.no_bma else BetaMovingAverage(tower, total_steps=total_steps, beta=args.bma_beta,
-                                                     storage="param" if official else "fp32")
+    betas = bma_betas(args)
+    storage = "param" if official else "fp32"
+    bmas = {} if args.no_bma else {bma_prefix(b, betas): BetaMovingAverage(tower, total_steps=total_steps, beta=b,
+                                                                            storage=storage)
+                                   for b in betas}  # one average per β, all updated every step
+    ema_prefix = next(iter(bmas), None)  # the average saved as state_dict_ema (--eval-metric '*' may switch it)
+    bma = next(iter(bmas.values()), None)  # --fsdp keeps one β (checked above): its DCP state and export
+    recorder = (TrajectorySnapshots(tower, total_steps, segments=args.posthoc_snapshots, directory=out_dir / "posthoc")
+                if args.posthoc_snapshots and primary else None)  # θ_0 recorded here, before any step or resume
     ema = None
     if args.ema_decay is not None and args.fsdp:  # the same lerp as below; AveragedModel's deepcopy fails on FSDP
         from clipood_plugin import ExponentialMovingAverage
@@ -592,8 +641,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if resume_path is not None:
         scheduler.load_state_dict(state["scheduler"])
         scaler.load_state_dict(state["scaler"])
-        if bma is not None:
-            bma.load_state_dict(state["averager"])
+        saved = state.get("averagers") or ({f"{betas[0]:g}": state["averager"]} if "averager" in state else {})
+        for avg in bmas.values():
+            if f"{avg.beta:g}" not in saved:
+                raise ValueError(f"{resume_path} holds no BMA for β={avg.beta:g} (it has β {sorted(saved)})")
+            avg.load_state_dict(saved[f"{avg.beta:g}"])
+        ema_prefix = state.get("state_dict_ema_prefix") if state.get("state_dict_ema_prefix") in bmas else ema_prefix
+        if recorder is not None:
+            if "posthoc" not in state:
+                raise ValueError(f"{resume_path} was saved without --posthoc-snapshots: a recording cannot start mid-run")
+            recorder.load_state_dict(state["posthoc"])
         if ema is not None and "ema" in state:
             ema.load_state_dict(state["ema"])
         restore_rng(state["rng"])
@@ -617,9 +674,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
             "scaler": scaler.state_dict(), "rng": capture_rng(), "best_metric": ckpt.best_metric,
         }
-        if bma is not None:
-            state["state_dict_ema"] = bma.module.state_dict()  # what timm's readers load
-            state["averager"] = bma.state_dict()
+        if bmas:
+            state["state_dict_ema"] = bmas[ema_prefix].module.state_dict()  # what timm's readers load
+            state["state_dict_ema_prefix"] = ema_prefix
+            state["averager"] = next(iter(bmas.values())).state_dict()  # the first β, as with a single one
+            state["averagers"] = {f"{avg.beta:g}": avg.state_dict() for avg in bmas.values()}
+        if recorder is not None:
+            state["posthoc"] = recorder.state_dict()  # the open segment: a kill mid-segment loses nothing
         if ema is not None:
             state["ema"] = ema.state_dict()
         ckpt.save(step, state, metric)
@@ -649,9 +710,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     results: dict[str, Any] = {}
     if not args.no_eval_zero_shot and step == 0 and eval_sets:  # the pretrained weights, as the official code
         results.update(run_eval({"eval_zs": tower}))
-    trained = {"eval": tower, "eval_bma": bma.module if bma else None, "eval_ema": ema.module if ema else None}
-    if args.fsdp:
-        trained |= {"eval_bma": bma, "eval_ema": ema}
+    trained = {"eval": tower, **{p: avg.module for p, avg in bmas.items()}, "eval_ema": ema.module if ema else None}
+    if args.fsdp:  # the sharded averages themselves: run_eval swaps their shards into the tower
+        trained |= {**bmas, "eval_ema": ema}
     with TrainProgress(total_steps, start_step=step, enabled=primary) as bar:
         for epoch in range(start_epoch, epochs):
             train.set_epoch(epoch)
@@ -688,8 +749,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 step += 1
                 loss_sum = loss_acc.item()  # the one host sync per optimizer step
                 loss_acc.zero_()
-                if bma is not None:
-                    bma.update_parameters(tower)
+                for avg in bmas.values():
+                    avg.update_parameters(tower)
+                if recorder is not None:
+                    recorder.update_parameters(tower)
                 if ema is not None:
                     ema.update_parameters(tower)
                 bar.advance(images=len(images) * args.grad_accum * dist_info.world_size, loss=loss_sum,
@@ -720,7 +783,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     bar.log(f"epoch {epoch} {name}: " + ", ".join(
                         f"{p} {metrics[f'{p}_{name}_top1']:.1f}" for p in [*trained, "eval_wise"]
                         if f"{p}_{name}_top1" in metrics))
-            checkpoint(epoch + 1, 0, metrics.get(args.eval_metric))
+            value, chosen = select_metric(metrics, args.eval_metric)
+            if value is None and metrics and epoch == start_epoch:  # e.g. eval_bma_top1 with several β
+                print(f"warning: --eval-metric {args.eval_metric!r} matches no metric, so best.pt is not written; "
+                      f"metrics: {', '.join(sorted(k for k in metrics if k.endswith('top1')))}", file=sys.stderr)
+            if chosen is not None and "*" in args.eval_metric:
+                results["eval_metric_selected"] = chosen
+                ema_prefix = next((p for p in bmas if chosen.startswith(p + "_")), ema_prefix)
+            checkpoint(epoch + 1, 0, value)
             if step >= total_steps:
                 break
     results.update(step=step, total_steps=total_steps, skipped=train.num_skipped)
@@ -728,8 +798,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         from clipood_plugin.training.sharded import export_full
 
         export_full(out_dir, {"tower": tower, "bma_tower": bma, "ema_tower": ema})
-    elif bma is not None and dist_info.distributed:  # every rank averages the same DDP weights: check it
-        fingerprint = sum(p.double().sum().item() for p in bma.module.parameters())
+    elif bmas and dist_info.distributed:  # every rank averages the same DDP weights: check it
+        fingerprint = sum(p.double().sum().item() for p in next(iter(bmas.values())).module.parameters())
         results["bma_fingerprint_per_rank"] = all_gather_objects(fingerprint, dist_info)
         if primary and len(set(results["bma_fingerprint_per_rank"])) > 1:
             print(f"warning: BMA weights differ across ranks: {results['bma_fingerprint_per_rank']}", file=sys.stderr)
