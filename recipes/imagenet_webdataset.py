@@ -30,7 +30,6 @@ import json
 import math
 import os
 import re
-import signal
 import sys
 import time
 from pathlib import Path
@@ -42,7 +41,7 @@ import torch
 import yaml
 from torch import nn
 
-from clipood_plugin import BetaMovingAverage, MMSLoss, TextHead
+from clipood_plugin import BetaMovingAverage, ExponentialMovingAverage, MMSLoss, TextHead
 from clipood_plugin._logging import no_random_init_warning
 from clipood_plugin.data.balanced import BalancedLoader, make_balanced_loader, parse_domain_urls
 from clipood_plugin.data.in_memory import (
@@ -78,6 +77,7 @@ from clipood_plugin.training.distributed import (
     init_distributed,
 )
 from clipood_plugin.training.evaluate import evaluate
+from clipood_plugin.training.preemption import Preemption
 from clipood_plugin.training.progress import TrainProgress
 
 # ----------------------------------------------------------------------------------------------
@@ -407,10 +407,12 @@ def build_loss(args: argparse.Namespace, model: nn.Module, tower: nn.Module, tok
     """``loss_fn(tower, images, labels)`` for --loss mms | ce | carft (built before any step)."""
     if args.numerics == "official":  # the official engine.py loss: fp16 logits from the fp16 text features
         official_mms = MMSLoss(head.official_text, lam=args.mms_lambda,  # type: ignore[attr-defined]
-                               scale=args.mms_scale or float(head.scale), precision="input")
+                               scale=args.mms_scale or float(head.scale), precision="input", check_inputs=False)
         return lambda net, images, labels: official_mms(net(images), labels)
     if args.loss == "mms" or (args.loss == "carft" and args.carft_base == "mms"):
-        classify: nn.Module = MMSLoss(head, lam=args.mms_lambda, scale=args.mms_scale)
+        # no per-step input checks (each a host sync on GPU): the stream validated the labels, and a
+        # non-finite loss is diagnosed by the loop from the one loss read it makes per step
+        classify: nn.Module = MMSLoss(head, lam=args.mms_lambda, scale=args.mms_scale, check_inputs=False)
     else:
         from clipood_plugin.carft import HeadCrossEntropy
 
@@ -424,6 +426,21 @@ def build_loss(args: argparse.Namespace, model: nn.Module, tower: nn.Module, tok
     # the frozen copy of the *pretrained* tower: taken here, before any step or resume
     carft = CARFTLoss(classify, bank, weight=args.carft_weight, pretrained_tower=tower)
     return lambda net, images, labels: carft(net(images), labels, images=images)
+
+
+@torch.no_grad()
+def describe_non_finite(tower: nn.Module, images: torch.Tensor, step: int, sharded: bool) -> str:
+    """Why the loss of optimizer step ``step`` is NaN/Inf, from the last micro-batch (checked only then)."""
+    where = f"the training loss is not finite at optimizer step {step}"
+    if sharded:  # a forward on one rank alone would wait forever for the others' all-gathers
+        return f"{where}; lower --lr, or check the data"
+    was = tower.training
+    feats = tower.eval()(images)
+    tower.train(was)
+    bad_rows = (~torch.isfinite(feats).all(dim=1)).nonzero().flatten().tolist()
+    if bad_rows:
+        return f"{where}: the image tower's features are NaN/Inf (batch rows {bad_rows[:8]}); lower --lr"
+    return f"{where} although the image features are finite: lower --lr or --mms-scale"
 
 
 def check_official_flags(args: argparse.Namespace) -> None:
@@ -600,16 +617,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     bma = next(iter(bmas.values()), None)  # --fsdp keeps one β (checked above): its DCP state and export
     recorder = (TrajectorySnapshots(tower, total_steps, segments=args.posthoc_snapshots, directory=out_dir / "posthoc")
                 if args.posthoc_snapshots and primary else None)  # θ_0 recorded here, before any step or resume
-    ema = None
-    if args.ema_decay is not None and args.fsdp:  # the same lerp as below; AveragedModel's deepcopy fails on FSDP
-        from clipood_plugin import ExponentialMovingAverage
-
-        ema = ExponentialMovingAverage(tower, decay=args.ema_decay)
-    elif args.ema_decay is not None:
-        from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
-
-        ema = AveragedModel(tower, multi_avg_fn=get_ema_multi_avg_fn(args.ema_decay))
-        ema.update_parameters(tower)
+    # our EMA (θ_0 included, fp32, resumable with its decay checked), sharded or not
+    ema = None if args.ema_decay is None else ExponentialMovingAverage(tower, decay=args.ema_decay)
     train_tower: nn.Module = tower
     if dist_info.distributed and not args.fsdp:
         train_tower = nn.parallel.DistributedDataParallel(
@@ -705,7 +714,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         return metrics
 
     # -- the loop ------------------------------------------------------------------------------
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # preemption: exit via finally
     acc_dtype = torch.float32 if device.type == "mps" else torch.float64  # mps has no float64
     results: dict[str, Any] = {}
     if not args.no_eval_zero_shot and step == 0 and eval_sets:  # the pretrained weights, as the official code
@@ -713,7 +721,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     trained = {"eval": tower, **{p: avg.module for p, avg in bmas.items()}, "eval_ema": ema.module if ema else None}
     if args.fsdp:  # the sharded averages themselves: run_eval swaps their shards into the tower
         trained |= {**bmas, "eval_ema": ema}
-    with TrainProgress(total_steps, start_step=step, enabled=primary) as bar:
+    # preemption (SIGTERM, SLURM's SIGUSR1): finish the step, checkpoint it on every rank, exit 128+signal
+    with Preemption() as preemption, TrainProgress(total_steps, start_step=step, enabled=primary) as bar:
         for epoch in range(start_epoch, epochs):
             train.set_epoch(epoch)
             torch.manual_seed(args.seed * 100_003 + epoch * 1_009 + dist_info.rank)  # data order = f(seed, epoch)
@@ -747,8 +756,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 optimizer.zero_grad(set_to_none=True)
                 scheduler.step()
                 step += 1
-                loss_sum = loss_acc.item()  # the one host sync per optimizer step
+                loss_sum = loss_acc.item()  # the one host read per optimizer step
                 loss_acc.zero_()
+                if not math.isfinite(loss_sum):
+                    raise FloatingPointError(describe_non_finite(tower, images, step, args.fsdp))
                 for avg in bmas.values():
                     avg.update_parameters(tower)
                 if recorder is not None:
@@ -764,6 +775,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                         with (out_dir / "train_log.jsonl").open("a") as fh:
                             fh.write(json.dumps({"step": step, "loss": global_loss,
                                                  "lr": scheduler.get_last_lr()[0]}) + "\n")
+                if preemption.requested(device):  # all ranks agree (a MAX all-reduce when distributed)
+                    checkpoint(epoch, batch_index + 1)
+                    barrier(dist_info)  # every rank leaves once the checkpoint is on disk
+                    if primary:
+                        bar.log(f"preempted: checkpoint at step {step} written; resume with --resume auto")
+                    cleanup(dist_info)
+                    sys.exit(preemption.exit_code())
                 if args.checkpoint_interval and step % args.checkpoint_interval == 0 and step < total_steps:
                     checkpoint(epoch, batch_index + 1)
                 if step >= total_steps:

@@ -113,6 +113,138 @@ def test_sigkill_then_resume_auto_gives_the_same_average(shards: Path, reference
         assert torch.equal(mine["state_dict"][key], value), key
 
 
+def _logged_steps(out: Path) -> int:
+    log = out / "train_log.jsonl"
+    return len(log.read_text().splitlines()) if log.exists() else 0
+
+
+def _sigterm_at_a_random_step(cmd: list[str], out: Path, env: dict[str, str]) -> tuple[int, int, str]:
+    """Start ``cmd``, SIGTERM it once the log shows a random step in 3..15; (step, exit code, stderr)."""
+    import random
+
+    at = random.Random().randint(3, 15)
+    print(f"SIGTERM after step {at}")
+    proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 300
+    while _logged_steps(out) < at and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    return at, proc.returncode, err
+
+
+def _assert_same_final_weights(out: Path, reference: Path) -> None:
+    mine = load_checkpoint(out / "checkpoints" / "last.pt")
+    ref = load_checkpoint(reference / "checkpoints" / "last.pt")
+    assert mine["step"] == ref["step"]
+    for part in ("state_dict", "state_dict_ema"):
+        for key, value in ref[part].items():
+            assert torch.equal(mine[part][key], value), (part, key)
+
+
+def test_sigterm_checkpoints_the_current_step_and_resume_is_exact(shards: Path, reference: Path,
+                                                                   tmp_path: Path) -> None:
+    # No step checkpoints (--checkpoint-interval 0): everything a preempted run keeps is the
+    # checkpoint its SIGTERM handler writes at the step it was in.
+    out = tmp_path / "preempted"
+    args = base_args(shards, out, "--total-steps", "20", "--checkpoint-interval", "0")
+    at, code, err = _sigterm_at_a_random_step([sys.executable, str(RECIPE), *args], out, ENV)
+    assert code == 143, err[-3000:]
+    saved = load_checkpoint(out / "checkpoints" / "last.pt")
+    assert at <= saved["step"] < 20 and not (out / "results.json").exists()
+    resumed = run([*args, "--resume", "auto"])
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    _assert_same_final_weights(out, reference)
+
+
+def test_sigterm_under_torchrun_checkpoints_on_every_rank_together(shards: Path, tmp_path: Path) -> None:
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    extra = ("--total-steps", "20", "--batch-size", "4", "--no-eval-zero-shot", "--checkpoint-interval", "0")
+    reference = tmp_path / "uninterrupted"
+    proc = run(base_args(shards, reference, *extra), launcher=launcher)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = tmp_path / "preempted"
+    args = base_args(shards, out, *extra)
+    at, code, err = _sigterm_at_a_random_step([*launcher, str(RECIPE), *args], out, ENV)
+    assert code != 0, "a preempted run must not exit 0"
+    saved = load_checkpoint(out / "checkpoints" / "last.pt")
+    assert at <= saved["step"] < 20, err[-3000:]
+    resumed = run([*args, "--resume", "auto"], launcher=launcher)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    _assert_same_final_weights(out, reference)
+
+
+def test_step_reads_the_host_once_per_optimizer_step(shards: Path, tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    # Count .item()/bool()/int()/float() on tensors during training, outside optimizer.step
+    # (torch's CPU AdamW reads its own step counters; on GPU those live on the host anyway).
+    # Two runs that differ only in their number of optimizer steps: the difference is the cost of
+    # the extra steps, everything before and after the loop cancels out.
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("recipe_under_test", RECIPE)
+    recipe = importlib.util.module_from_spec(spec)
+    assert spec.loader is not None
+    spec.loader.exec_module(recipe)
+    counts = {"reads": 0, "paused": 0}
+    for name in ("item", "__bool__", "__int__", "__float__"):
+        original = getattr(torch.Tensor, name)
+
+        def counting(self: torch.Tensor, *a: object, _original: object = original) -> object:
+            if not counts["paused"]:
+                counts["reads"] += 1
+            return _original(self, *a)  # type: ignore[operator]
+
+        monkeypatch.setattr(torch.Tensor, name, counting)
+    step = torch.optim.AdamW.step
+
+    def paused_step(self: torch.optim.Optimizer, *a: object, **k: object) -> object:
+        counts["paused"] += 1
+        try:
+            return step(self, *a, **k)
+        finally:
+            counts["paused"] -= 1
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", paused_step)
+    make_loader = recipe.train_data
+
+    def paused_loader(*a: object, **k: object) -> object:
+        # the data pipeline's own reads (torchvision's random crops draw their parameters with
+        # .item()) are CPU work, in DataLoader workers normally: not counted
+        loader = make_loader(*a, **k)
+
+        class Paused:
+            def __getattr__(self, name: str) -> object:
+                return getattr(loader, name)
+
+            def __iter__(self):  # type: ignore[no-untyped-def]
+                batches = iter(loader)
+                while True:
+                    counts["paused"] += 1
+                    try:
+                        batch = next(batches)
+                    except StopIteration:
+                        return
+                    finally:
+                        counts["paused"] -= 1
+                    yield batch
+
+        return Paused()
+
+    monkeypatch.setattr(recipe, "train_data", paused_loader)
+    reads = {}
+    for steps in (4, 8):
+        counts["reads"] = 0
+        recipe.main(["--train-shards", str(shards / "train-{000000..000003}.tar"), "--model", "clipood-tiny",
+                     "--batch-size", "2", "--grad-accum", "4", "--lr", "1e-3", "--workers", "0", "--seed", "0",
+                     "--output", str(tmp_path / f"run{steps}"), "--total-steps", str(steps), "--log-interval", "0",
+                     "--no-eval-zero-shot", "--in-memory", "off"])
+        reads[steps] = counts["reads"]
+    per_step = (reads[8] - reads[4]) / 4
+    print(f"host reads per optimizer step (grad accum 4): {per_step}")
+    assert per_step <= 1, reads
+
+
 def test_torchrun_two_ranks_keep_identical_averages(shards: Path, tmp_path: Path) -> None:
     single = tmp_path / "single"
     proc = run(base_args(shards, single, "--total-steps", "12", "--batch-size", "16", "--no-eval-zero-shot"))
