@@ -11,7 +11,9 @@ shards *after* splitting them and whose default node splitter refuses multi-node
 2. split by node (``rank`` / ``world_size`` passed in, never read from the environment);
 3. split by DataLoader worker;
 4. tar → samples, with a handler that logs and *counts* a bad shard or sample and goes on
-   (webdataset's ``warn_and_continue`` sleeps 0.5 s per error);
+   (webdataset's ``warn_and_continue`` sleeps 0.5 s per error); a store that cannot be reached
+   is not bad data and ends the run with :class:`~clipood_plugin.data.urls.ShardStoreError`,
+   naming the shard and the store;
 5. sample shuffle buffer, seeded by ``(seed, epoch, rank, worker, pass)``;
 6. decode the image to RGB PIL and parse ``cls`` (and ``domain``); undecodable → counted skip.
    Only these fields are decoded, so nothing in a shard is ever unpickled;
@@ -60,15 +62,16 @@ from torch import Tensor
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from clipood_plugin.data.urls import (
-    FSSPEC_SCHEMES,
+    ShardStoreError,
     check_url,
     expand_urls,
     is_local,
+    is_network_failure,
     local_path,
+    metadata_readable,
     read_json,
     register_fsspec_handlers,
     sibling_url,
-    url_scheme,
 )
 
 __all__ = [
@@ -115,6 +118,13 @@ class SkipCounter:
     Returning True tells webdataset to skip the failed item. The count sits in shared memory,
     so :attr:`value` read in the main process includes every worker's skips. With ``strict``
     the error is re-raised instead (a recipe's ``--strict-data``).
+
+    A store that cannot be reached (connection refused or reset, a timeout:
+    :func:`~clipood_plugin.data.urls.is_network_failure`) is not bad data, and skipping it would
+    only walk through every other shard of the epoch to the same failure, logging each as bad
+    data: it raises :class:`~clipood_plugin.data.urls.ShardStoreError`, naming the shard and the
+    store, and is not counted. There are no retries here beyond the store client's own (s3fs and
+    botocore retry a connection a few times; ``AWS_MAX_ATTEMPTS`` sets botocore's count).
     """
 
     def __init__(self, context: Any = None, strict: bool = False) -> None:
@@ -122,6 +132,13 @@ class SkipCounter:
         self.strict = strict
 
     def __call__(self, exn: BaseException) -> bool:
+        if isinstance(exn, ShardStoreError):  # raised by this handler at an inner stage: pass it on as it was
+            exn.args = exn.args[:1]
+            raise exn
+        if is_network_failure(exn):
+            # webdataset appends the shard URL (and the stream) to the args of what it hands over
+            url = next((a for a in reversed(exn.args) if isinstance(a, str) and "://" in a), "<unknown shard>")
+            raise ShardStoreError.from_failure(url, exn) from exn
         if self.strict:
             raise exn
         with self._value.get_lock():
@@ -432,8 +449,8 @@ def dataset_size(urls: Sequence[str]) -> int | None:
     """
     by_dir: dict[str, list[str]] = {}
     for url in urls:
-        if not (is_local(url) or url_scheme(url) in FSSPEC_SCHEMES):
-            return None  # pipe: and friends have no directory to look in
+        if not metadata_readable(url):
+            return None  # pipe:, or https:// without fsspec's HTTP backend: no directory to look in
         by_dir.setdefault(sibling_url(url, ""), []).append(url)
     total = 0
     for group in by_dir.values():
@@ -602,6 +619,7 @@ def make_train_loader(
             sample count, a ``pipe:`` URL without ``allow_pipe``, an unknown scheme, bad arguments.
         FileNotFoundError: a local shard is missing.
         ImportError: the fsspec backend for the URLs' scheme is not installed.
+        ShardStoreError: (here or while iterating) the shards' store cannot be reached.
     """
     _check_common(batch_size, transform, num_classes, workers)
     _check_positive("world_size", world_size)
