@@ -35,9 +35,10 @@ store that stops *answering* rather than refusing is only noticed at the client'
 ``fsspec.config.conf["s3"] = {"config_kwargs": {"read_timeout": 10}}`` (or the same JSON in
 ``FSSPEC_S3`` before fsspec is imported).
 
-Network failures are recognised on the fsspec path (s3fs, gcsfs, adlfs, and fsspec's HTTP).
-webdataset's ``curl`` and ``gsutil`` openers report any failure as a command's exit status, so a
-shard they cannot fetch is still counted as an unreadable shard.
+Network failures are recognised on the fsspec path (s3fs, gcsfs, adlfs, fsspec's HTTP) and from
+the exit status of webdataset's ``curl`` opener (``http(s)://``, ``hf://``). ``gsutil`` (webdataset's
+``gs://``) exits 1 for every failure, so a ``gs://`` shard it cannot fetch is still counted as an
+unreadable shard.
 """
 
 from __future__ import annotations
@@ -45,6 +46,8 @@ from __future__ import annotations
 import json
 import os
 import posixpath
+import re
+import subprocess
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -332,12 +335,39 @@ _NETWORK_ERRORS: frozenset[tuple[str, str]] = frozenset({
 })
 
 
+#: curl's exit codes for "could not reach the server" (``man curl``): resolve proxy / host (5, 6),
+#: connect (7), timeout (28), TLS handshake (35), empty reply (52), send / receive failure (55, 56).
+_CURL_NETWORK_EXITS = frozenset({5, 6, 7, 28, 35, 52, 55, 56})
+_CURL_STATUS = re.compile(r"\['curl'.*\]: exit (\d+)")
+
+
+def _curl_exit(exc: BaseException) -> int | None:
+    """curl's exit status when ``exc`` comes from webdataset's curl opener (``http(s)``, ``hf``), else None.
+
+    webdataset hands the opened stream to the handler with the error: its ``Pipe`` holds the
+    curl process, which has ended (or is ending: its output is closed) when the tar is found empty.
+    """
+    for arg in getattr(exc, "args", ()):
+        proc = getattr(arg, "proc", None)
+        if isinstance(proc, subprocess.Popen) and isinstance(proc.args, (list, tuple)) and proc.args[:1] == ["curl"]:
+            try:
+                return proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                return None
+        if isinstance(arg, str):
+            found = _CURL_STATUS.search(arg)
+            if found:
+                return int(found.group(1))
+    return None
+
+
 def is_network_failure(exc: BaseException) -> bool:
     """True when ``exc``, or an exception it was raised from, says the store could not be reached.
 
     Connection refused or reset, a timeout, an unresolvable host, botocore's and aiohttp's
-    connection errors: a failure of the network or the server, not of the data. A missing
-    object, a permission error or a corrupt tar is not one.
+    connection errors, curl's exit codes for the same (webdataset's ``http(s)`` and ``hf``
+    opener): a failure of the network or the server, not of the data. A missing object (curl's
+    22, an HTTP error), a permission error or a corrupt tar is not one.
     """
     seen: set[int] = set()
     current: BaseException | None = exc
@@ -346,6 +376,8 @@ def is_network_failure(exc: BaseException) -> bool:
         if isinstance(current, ShardStoreError):
             return True
         if any((cls.__module__, cls.__name__) in _NETWORK_ERRORS for cls in type(current).__mro__):
+            return True
+        if _curl_exit(current) in _CURL_NETWORK_EXITS:
             return True
         current = current.__cause__ or current.__context__
     return False
@@ -387,6 +419,9 @@ class ShardStoreError(OSError):
     def from_failure(cls, url: str, exc: BaseException, what: str = "shard") -> ShardStoreError:
         """The error for ``what`` (``"shard"``, ``"metadata file"``) at ``url`` failing with ``exc``."""
         first = next((a for a in getattr(exc, "args", ()) if isinstance(a, str)), "") or repr(exc)
+        curl = _curl_exit(exc)
+        if curl is not None:
+            first = f"{first}; curl exit {curl}"
         return cls(
             f"{what} {url!r}: the store {describe_store(url)} could not be reached ({type(exc).__name__}: "
             f"{first[:300]}). A network failure is not bad data: the run stops here instead of skipping it "
