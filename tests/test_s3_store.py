@@ -1,7 +1,7 @@
 """Shards on a real S3-compatible server (moto's, on 127.0.0.1, started here) read through s3fs.
 
-The endpoint is given the standard way, ``AWS_ENDPOINT_URL``, which botocore (under s3fs) reads
-itself; nothing in the package is told about the server. Checked: streaming from the bucket
+The endpoint is given the standard ways, ``AWS_ENDPOINT_URL`` (which botocore, under s3fs, reads
+itself) or fsspec's configuration; nothing in the package is told about the server. Checked: streaming from the bucket
 gives bitwise the batches the same shards give from local disk; a server stopped mid-epoch ends
 the iteration with an error naming the shard and the store (no skipped-sample count, no
 walking through the other shards); a checkpoint written before the failure is intact; and once
@@ -182,3 +182,22 @@ def test_server_stopped_mid_epoch_is_a_clear_error_not_skipped_data(store, local
     again = epoch(loader(f"{root}/", workers=1), 0)
     assert len(again) == len(want)
     assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(again, want))
+
+
+def test_endpoint_from_fsspec_configuration(store, local: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The other standard way: the endpoint in fsspec's configuration for s3, which wins over the variable.
+
+    AWS_ENDPOINT_URL is pointed at a dead local port rather than removed, so a configuration that
+    were not applied would fail here instead of reaching out to AWS.
+    """
+    server, root = store
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")
+    conf = {**fsspec.config.conf["s3"], "client_kwargs": {"endpoint_url": server.endpoint}}
+    monkeypatch.setitem(fsspec.config.conf, "s3", conf)
+    s3fs.S3FileSystem.clear_instance_cache()
+    try:
+        got, want = epoch(loader(f"{root}/", workers=1), 1), epoch(loader(str(local), workers=1), 1)
+    finally:
+        s3fs.S3FileSystem.clear_instance_cache()
+    assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(got, want))
+    assert len(got) == len(want) > 0
