@@ -21,7 +21,7 @@ TORCHRUN = {"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1", "MASTER_ADDR": "1
 
 def test_no_launcher_is_one_process() -> None:
     assert launch_from_env({}) == Launch("none", 0, 1, 0)
-    assert launch_from_env({"PATH": "/bin", "SLURM_NTASKS": "4"}).world_size == 1  # sbatch without srun
+    assert launch_from_env({"PATH": "/bin", "SLURM_NTASKS": "4"}).world_size == 1  # no task id: not an srun task
 
 
 def test_torchrun() -> None:
@@ -30,8 +30,8 @@ def test_torchrun() -> None:
 
 def test_slurm_rank_and_derived_rendezvous() -> None:
     got = launch_from_env(SLURM)
-    # the first host of the list; the port 10000 + job id mod 10000, the same on every task
-    assert got == Launch("slurm", 5, 8, 1, "gpu007", 10000 + 4123457 % 10000)
+    # the first host of the list; the port 15000 + the job id's last four digits, the same on every task
+    assert got == Launch("slurm", 5, 8, 1, "gpu007", 15000 + 3457)
     assert launch_from_env({**SLURM, "SLURM_PROCID": "0", "SLURM_LOCALID": "0"}).master_port == got.master_port
     # an address and port in the environment win over the derived ones
     given = launch_from_env({**SLURM, "MASTER_ADDR": "head", "MASTER_PORT": "1234"})
@@ -97,7 +97,7 @@ cleanup(info)
 def test_two_slurm_tasks_meet_on_the_derived_rendezvous() -> None:
     """Two processes with srun's variables only (no MASTER_*): they find each other on 127.0.0.1."""
     port = None
-    for candidate in random.Random().sample(range(10000, 20000), 50):  # the range job ids map onto
+    for candidate in random.Random().sample(range(15000, 25000), 50):  # the range job ids map onto
         with socket.socket() as sock:
             try:
                 sock.bind(("127.0.0.1", candidate))
@@ -106,10 +106,10 @@ def test_two_slurm_tasks_meet_on_the_derived_rendezvous() -> None:
             port = candidate
             break
     if port is None:
-        pytest.skip("no free port in [10000, 20000) for a job id to map onto")
+        pytest.skip("no free port in [15000, 25000) for a job id to map onto")
     base = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "OMPI_", "PMI_", "MASTER_"))
             and k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
-    base.update(SLURM_NTASKS="2", SLURM_JOB_ID=str(70000 + port - 10000), SLURM_JOB_NODELIST="127.0.0.1",
+    base.update(SLURM_NTASKS="2", SLURM_JOB_ID=str(70000 + port - 15000), SLURM_JOB_NODELIST="127.0.0.1",
                 SLURM_JOB_NUM_NODES="1")
     procs = [subprocess.Popen([sys.executable, "-c", _WORKER], env={**base, "SLURM_PROCID": str(r),
                               "SLURM_LOCALID": str(r)}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

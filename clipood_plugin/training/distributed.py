@@ -15,9 +15,10 @@ MPICH / Intel MPI     ``PMI_RANK``      ``PMI_SIZE``                ``MPI_LOCALR
 
 torchrun also publishes the rendezvous (``MASTER_ADDR``, ``MASTER_PORT``); the others do not,
 so an address given in the environment is used, and otherwise SLURM's is derived as Lightning's
-``SLURMEnvironment`` does: the first host of ``SLURM_JOB_NODELIST`` (``scontrol show hostnames |
-head -n1``, what open_clip's SLURM script exports) and port ``10000 + SLURM_JOB_ID mod 10000``,
-the same on every task of the job. An MPI job on one node defaults to ``127.0.0.1``; across nodes
+``SLURMEnvironment`` does: the first host of the step's (else the job's) node list,
+``SLURM_STEP_NODELIST`` / ``SLURM_JOB_NODELIST`` (``scontrol show hostnames | head -n1``, what
+open_clip's SLURM script exports) and port ``15000 +`` the job id's last four digits, the same on
+every task of the job (torch's 29500 without a job id). An MPI job on one node defaults to ``127.0.0.1``; across nodes
 it needs ``MASTER_ADDR``.
 
 :func:`init_distributed` picks the backend by device (NCCL on CUDA, gloo on CPU) and initialises
@@ -120,7 +121,7 @@ def _rendezvous(env: Mapping[str, str], launcher: str, world_size: int, single_n
         if addr is None and nodelist:
             addr = first_host(nodelist)
         if port is None and env.get("SLURM_JOB_ID"):
-            port = 10000 + _int(env, "SLURM_JOB_ID") % 10000
+            port = 15000 + _int(env, "SLURM_JOB_ID") % 10000  # Lightning's SLURMEnvironment.main_port
     if addr is None and single_node:
         addr = "127.0.0.1"  # every rank on this node
     if addr is None:
