@@ -55,7 +55,7 @@ echo "== wheel smoke: twine check"
 "$PY" -m twine check --strict "$WORK"/dist/*
 
 echo "== wheel smoke: archive contents"
-"$PY" - "$WORK/dist" <<'PYCODE'
+"$PY" - "$WORK/dist" "$WORK/src" <<'PYCODE'
 import pathlib, sys, tarfile, zipfile
 dist = pathlib.Path(sys.argv[1])
 wheel = next(dist.glob("*.whl"))
@@ -66,9 +66,32 @@ assert not stray, f"wheel ships top-level entries besides clipood_plugin: {sorte
 assert "clipood_plugin/py.typed" in names, "wheel lacks clipood_plugin/py.typed"
 sdist = next(dist.glob("*.tar.gz"))
 members = {m.split("/", 1)[1] for m in tarfile.open(sdist).getnames() if "/" in m}
-for need in ("pyproject.toml", "README.md", "LICENSE", "clipood_plugin/py.typed", "clipood_plugin/__init__.py"):
+for need in ("pyproject.toml", "README.md", "LICENSE", "CHANGELOG.md", "clipood_plugin/py.typed",
+             "clipood_plugin/__init__.py"):
     assert need in members, f"sdist lacks {need}"
-print(f"{wheel.name}: {len(names)} files; {sdist.name}: {len(members)} members")
+# one source of truth for the version: clipood_plugin.__version__, read by setuptools (pyproject's
+# version is dynamic); the sdist's and the wheel's metadata must both carry it
+import ast, email.parser
+root = pathlib.Path(sys.argv[2])
+init = ast.parse((root / "clipood_plugin" / "__init__.py").read_text(encoding="utf-8"))
+source_version = next(node.value.value for node in init.body if isinstance(node, ast.Assign)
+                      and any(getattr(t, "id", None) == "__version__" for t in node.targets))
+with tarfile.open(sdist) as tar:
+    pkg_info = next(m for m in tar.getmembers() if m.name.count("/") == 1 and m.name.endswith("/PKG-INFO"))
+    sdist_version = email.parser.Parser().parsestr(tar.extractfile(pkg_info).read().decode())["Version"]
+with zipfile.ZipFile(wheel) as whl:
+    meta = next(n for n in whl.namelist() if n.endswith(".dist-info/METADATA"))
+    wheel_version = email.parser.Parser().parsestr(whl.read(meta).decode())["Version"]
+assert sdist_version == wheel_version == source_version, (sdist_version, wheel_version, source_version)
+try:
+    import tomllib  # Python 3.11+
+except ModuleNotFoundError:  # 3.10: the metadata checks above already hold the versions equal
+    tomllib = None
+project = {"dynamic": ["version"]} if tomllib is None else tomllib.loads(
+    (root / "pyproject.toml").read_text(encoding="utf-8"))["project"]
+assert "version" not in project and "version" in project.get("dynamic", []), \
+    "pyproject.toml types a version of its own: keep clipood_plugin.__version__ the only one"
+print(f"{wheel.name}: {len(names)} files; {sdist.name}: {len(members)} members; version {source_version}")
 PYCODE
 
 echo "== wheel smoke: install into a fresh venv"

@@ -57,6 +57,7 @@ __all__ = [
     "get_beta_multi_avg_fn",
     "interpolate_weights",
 ]
+#: The one place the version is written: pyproject.toml reads it (``dynamic = ["version"]``).
 __version__ = "0.1.0.dev0"
 
 

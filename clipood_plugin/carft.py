@@ -44,7 +44,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from clipood_plugin._wrappers import unwrap_model
-from clipood_plugin.templates import Template, clean_classname, get_templates, template_text
+from clipood_plugin.classnames import check_classnames, clean_classname
+from clipood_plugin.templates import Template, get_templates, template_text
 from clipood_plugin.text_head import TextHead, _check_scale, encode_prompts, normalize_rows, scaled_cosine
 
 __all__ = [
@@ -173,12 +174,15 @@ class ContextBank(nn.Module):
         num_classes_per_batch: int | None = 10,
         device: str | torch.device | None = None,
         progress: bool | None = None,
+        allow_duplicates: bool = False,
     ) -> ContextBank:
         """The context bank of an open_clip model: one direction per template, averaged over ``classnames``.
 
         ``scale = exp(model.logit_scale)``. Encodes ``C × M`` prompts with
         :func:`~clipood_plugin.text_head.encode_prompts` (same arguments); to get the class head from
-        the same pass use :func:`build_head_and_context_bank`.
+        the same pass use :func:`build_head_and_context_bank`. ``classnames`` follow the class-name
+        rule of :mod:`clipood_plugin.classnames`, as in ``TextHead.from_open_clip``: a repeat is an
+        error unless ``allow_duplicates`` (a repeated class then counts twice in each average).
         """
         emb, _, temps, scale = _encode_for_bank(
             model,
@@ -188,6 +192,7 @@ class ContextBank(nn.Module):
             num_classes_per_batch=num_classes_per_batch,
             device=device,
             progress=progress,
+            allow_duplicates=allow_duplicates,
         )
         return cls.from_prompt_embeddings(emb, scale=scale, templates=temps)
 
@@ -201,6 +206,7 @@ def build_head_and_context_bank(
     num_classes_per_batch: int | None = 10,
     device: str | torch.device | None = None,
     progress: bool | None = None,
+    allow_duplicates: bool = False,
 ) -> tuple[TextHead, ContextBank]:
     """Encode the ``C × M`` prompts once; return the zero-shot class head and the context bank.
 
@@ -210,8 +216,8 @@ def build_head_and_context_bank(
     ``build_zero_shot_classifier``), the context bank over classes (one row per template). Both get
     ``scale = exp(model.logit_scale)``.
 
-    Class names are cleaned (``_`` → space) for the prompts and must be unique after cleaning; the
-    head keeps them as given.
+    Class names are cleaned (``_`` → space) for the prompts and must be unique after cleaning
+    unless ``allow_duplicates`` (:mod:`clipood_plugin.classnames`); the head keeps them as given.
     """
     emb, names, temps, scale = _encode_for_bank(
         model,
@@ -221,8 +227,10 @@ def build_head_and_context_bank(
         num_classes_per_batch=num_classes_per_batch,
         device=device,
         progress=progress,
+        allow_duplicates=allow_duplicates,
     )
-    head = TextHead(emb.mean(dim=1), scale=scale, classnames=names, templates=temps)
+    head = TextHead(emb.mean(dim=1), scale=scale, classnames=names, templates=temps,
+                    allow_duplicates=allow_duplicates)
     return head, ContextBank.from_prompt_embeddings(emb, scale=scale, templates=temps)
 
 
@@ -235,21 +243,11 @@ def _encode_for_bank(
     num_classes_per_batch: int | None,
     device: str | torch.device | None,
     progress: bool | None,
+    allow_duplicates: bool,
 ) -> tuple[Tensor, list[str], tuple[Template, ...], float]:
     """Validate, then encode: ``([C, M, D] embeddings, class names as given, templates, exp(logit_scale))``."""
-    names = [classnames] if isinstance(classnames, str) else list(classnames)
-    if not names:
-        raise ValueError("classnames is empty: the context directions average over at least one class")
+    names = check_classnames(classnames, allow_duplicates=allow_duplicates, what="ContextBank")
     cleaned = [clean_classname(n) for n in names]
-    seen: dict[str, int] = {}
-    for i, name in enumerate(cleaned):
-        if not name:
-            raise ValueError(f"class name {i} ({names[i]!r}) is empty")
-        if name in seen:
-            raise ValueError(
-                f"class names {names[seen[name]]!r} and {names[i]!r} are the same prompt text {name!r}"
-            )
-        seen[name] = i
     temps = get_templates(templates)
     if len(temps) < 2:
         raise ValueError(

@@ -15,6 +15,8 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import TypeAlias
 
+from clipood_plugin.classnames import clean_classname  # re-exported: the class-name rule lives there
+
 __all__ = [
     "CLIPOOD_TEMPLATES",
     "DEFAULT_TEMPLATE",
@@ -141,13 +143,6 @@ def imagenet_classnames() -> tuple[str, ...]:
     from open_clip import IMAGENET_CLASSNAMES
 
     return tuple(IMAGENET_CLASSNAMES)
-
-
-def clean_classname(name: str) -> str:
-    """CLIPood's class-name cleanup: underscores become spaces, outer whitespace goes, case stays."""
-    if not isinstance(name, str):
-        raise TypeError(f"class names must be strings, got {type(name).__name__}: {name!r}")
-    return name.replace("_", " ").strip()
 
 
 def render_template(template: Template, classname: str) -> str:

@@ -32,10 +32,10 @@ from torch import Tensor, nn
 from clipood_plugin._io import atomic_path
 from clipood_plugin._precision import autocast_off, compute_dtype
 from clipood_plugin._wrappers import unwrap_model
+from clipood_plugin.classnames import check_classnames, clean_classname
 from clipood_plugin.templates import (
     DEFAULT_TEMPLATE,
     Template,
-    clean_classname,
     get_templates,
     render_template,
     template_text,
@@ -74,7 +74,9 @@ def encode_prompts(
             every submodule's previous train/eval flag is restored afterwards.
         tokenizer: maps a list of strings to a LongTensor of token ids (``open_clip.get_tokenizer``).
         classnames: class names; each is cleaned with
-            :func:`~clipood_plugin.templates.clean_classname` (``_`` → space, strip).
+            :func:`~clipood_plugin.classnames.clean_classname` (``_`` → space, strip). Repeats are
+            encoded as given: the classifiers built from the result (``TextHead.from_open_clip``,
+            ``ContextBank.from_open_clip``) apply the duplicate rule.
         templates: anything :func:`~clipood_plugin.templates.get_templates` accepts.
         num_classes_per_batch: classes encoded per forward (each batch holds
             ``classes × templates`` prompts), as open_clip; ``None`` or 0 encodes all at once.
@@ -85,7 +87,7 @@ def encode_prompts(
     Runs under ``torch.no_grad()``. An enclosing autocast context applies to the encoding; the
     result is upcast to float32 (and re-normalised there when the model ran in lower precision).
     """
-    names = _clean_classnames(classnames, require_unique=False)
+    names = [clean_classname(n) for n in check_classnames(classnames, allow_duplicates=True, what="encode_prompts")]
     temps = get_templates(templates)
     if num_classes_per_batch is not None and (
         isinstance(num_classes_per_batch, bool)
@@ -177,7 +179,9 @@ class TextHead(nn.Module):
             stored in float32) into the persistent buffer ``weight``.
         scale: the logit multiplier ``s > 0``, stored as the persistent 0-dim float32 buffer
             ``scale``.
-        classnames: optional class names, one per row, unique and non-empty.
+        classnames: optional class names, one per row, checked by
+            :func:`~clipood_plugin.classnames.check_classnames`: non-empty, and no two equal after
+            cleaning unless ``allow_duplicates``.
         templates: optional prompt templates the embeddings came from (metadata only; callables
             are stored in their canonical text form, see
             :func:`~clipood_plugin.templates.template_text`).
@@ -291,8 +295,8 @@ class TextHead(nn.Module):
 
         The head is returned on the device the prompts were encoded on.
         """
-        names = tuple(_as_name_list(classnames))
-        cleaned = _clean_classnames(names, require_unique=not allow_duplicates)
+        names = tuple(check_classnames(classnames, allow_duplicates=allow_duplicates, what="TextHead.from_open_clip"))
+        cleaned = [clean_classname(n) for n in names]
         temps = get_templates(templates)
         texts = tuple(template_text(t) for t in temps)
         net = unwrap_model(model)
@@ -421,55 +425,10 @@ def _canonical_templates(templates: Sequence[Template]) -> tuple[str, ...]:
     return tuple(template_text(t) for t in templates)
 
 
-def _as_name_list(classnames: Iterable[str]) -> list[str]:
-    if isinstance(classnames, (str, bytes)) or not isinstance(classnames, Iterable):
-        raise TypeError(
-            f"classnames must be a sequence of strings, got {type(classnames).__name__}: {classnames!r}"
-        )
-    names = list(classnames)
-    for i, name in enumerate(names):
-        if not isinstance(name, str):
-            raise TypeError(f"class name {i} must be a string, got {type(name).__name__}: {name!r}")
-    return names
-
-
-_DUPLICATE_HINT = (
-    "; pass allow_duplicates=True if the list really names two classes alike (ImageNet's standard "
-    "list has 'missile' and 'sunglasses' twice), and their logits will tie"
-)
-
-
-def _clean_classnames(classnames: Iterable[str], *, require_unique: bool) -> list[str]:
-    """Clean names as CLIPood does; reject an empty list, empty names and (optionally) duplicates."""
-    names = _as_name_list(classnames)
-    if not names:
-        raise ValueError("classnames is empty: give at least one class name")
-    cleaned = [clean_classname(name) for name in names]
-    first: dict[str, int] = {}
-    for i, (raw, name) in enumerate(zip(names, cleaned)):
-        if not name:
-            raise ValueError(f"class name {i} ({raw!r}) is empty after cleaning")
-        if require_unique and name in first:
-            j = first[name]
-            raise ValueError(
-                f"duplicate class name: {names[j]!r} (index {j}) and {raw!r} (index {i}) "
-                f"both become {name!r} after cleaning{_DUPLICATE_HINT}"
-            )
-        first.setdefault(name, i)
-    return cleaned
-
-
-def _check_head_classnames(classnames: Sequence[str], num_classes: int, allow_duplicates: bool) -> tuple[str, ...]:
-    names = _as_name_list(classnames)
+def _check_head_classnames(classnames: Iterable[str], num_classes: int, allow_duplicates: bool) -> tuple[str, ...]:
+    names = check_classnames(classnames, allow_duplicates=allow_duplicates, what="TextHead")
     if len(names) != num_classes:
         raise ValueError(f"got {len(names)} class names for {num_classes} weight rows; they must match")
-    seen: dict[str, int] = {}
-    for i, name in enumerate(names):
-        if not name.strip():
-            raise ValueError(f"class name {i} ({name!r}) is empty")
-        if name in seen and not allow_duplicates:
-            raise ValueError(f"duplicate class name {name!r} at indices {seen[name]} and {i}{_DUPLICATE_HINT}")
-        seen.setdefault(name, i)
     return tuple(names)
 
 

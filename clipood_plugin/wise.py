@@ -61,8 +61,9 @@ def interpolate_weights(
       zero-shot model gives bf16 weights that ``load_state_dict`` takes as they are;
     - α = 0 gives the zero-shot tensor and α = 1 the fine-tuned tensor exactly (no arithmetic
       runs; only the cast to the fine-tuned dtype when the two dtypes differ);
-    - integer and bool tensors (``num_batches_tracked``, index buffers) are taken from the
-      fine-tuned state, as are non-tensor entries (e.g. ``_extra_state``).
+    - integer and bool tensors (``num_batches_tracked``, index buffers) and non-tensor entries
+      (e.g. ``_extra_state``) cannot be mixed: they are the zero-shot state's at α = 0 and the
+      fine-tuned state's at every other α, so both endpoints are whole states, bit for bit.
 
     Raises ``ValueError`` when the key sets differ (naming the keys only on either side), when a
     shape differs (naming the key), or for α outside [0, 1] without ``allow_extrapolation``;
@@ -210,11 +211,14 @@ def _interpolate(zs: Mapping[str, Any], ft: Mapping[str, Any], alpha: float) -> 
     out: dict[str, Any] = {}
     for key, theta_ft in ft.items():
         if not isinstance(theta_ft, Tensor):
-            out[key] = theta_ft
+            out[key] = zs[key] if alpha == 0.0 else theta_ft
             continue
         theta_ft = theta_ft.detach()
         if not (theta_ft.is_floating_point() or theta_ft.is_complex()):
-            out[key] = theta_ft.clone()
+            # not interpolable: the zero-shot entry at α = 0 (the trap: taking the fine-tuned
+            # one there made α = 0 differ from the zero-shot model in num_batches_tracked)
+            source = zs[key].detach() if alpha == 0.0 else theta_ft
+            out[key] = source.to(device=theta_ft.device, dtype=theta_ft.dtype, copy=True)
             continue
         theta_zs = zs[key].detach()
         if alpha == 1.0:

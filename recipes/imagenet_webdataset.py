@@ -422,7 +422,8 @@ def build_loss(args: argparse.Namespace, model: nn.Module, tower: nn.Module, tok
     from clipood_plugin.carft import CARFTLoss, ContextBank
 
     bank = ContextBank.from_open_clip(model, tokenizer, classnames, templates=args.carft_templates,
-                                      device=device, progress=primary).to(device)
+                                      device=device, progress=primary,
+                                      allow_duplicates=args.allow_duplicate_classnames).to(device)
     # the frozen copy of the *pretrained* tower: taken here, before any step or resume
     carft = CARFTLoss(classify, bank, weight=args.carft_weight, pretrained_tower=tower)
     return lambda net, images, labels: carft(net(images), labels, images=images)

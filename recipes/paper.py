@@ -507,7 +507,7 @@ def plan_imagenet(args: argparse.Namespace, dataset: Dataset, root: Path, folder
     if missing:
         raise FileNotFoundError(f"Table 2 needs every ImageNet variant; missing {missing}")
     split = imagenet_split(
-        train, test, classnames=names, shots=args.shots, seed=args.seed,
+        train, test, classnames=names, shots=args.shots, seed=args.seed, allow_duplicates=True,  # 'missile' ×2
         variants={"imagenet_v2": imagenet_v2_records(dirs["imagenet_v2"], len(wnids)),
                   "imagenet_sketch": imagenet_records(dirs["imagenet_sketch"], wnids)},
         subset_variants={n: subset_records(dirs[n], wnids, names) for n in ("imagenet_a", "imagenet_r")},

@@ -12,6 +12,7 @@ import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
+from tiny_open_clip import tiny_open_clip
 from torch import nn
 
 import clipood_plugin.text_head as text_head_module
@@ -34,14 +35,7 @@ CLEANED = [n.replace("_", " ") for n in NAMES]
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory: pytest.TempPathFactory) -> tuple[nn.Module, object]:
     torch.set_num_threads(1)
-    path = tmp_path_factory.mktemp("open_clip_cfg") / f"{TINY}.json"
-    path.write_text(json.dumps(TINY_CFG))
-    open_clip.add_model_config(path)
-    torch.manual_seed(0)
-    model = open_clip.create_model(TINY, pretrained=None).eval()
-    with torch.no_grad():
-        model.logit_scale.fill_(LOGIT_SCALE)
-    return model, open_clip.get_tokenizer(TINY)
+    return tiny_open_clip(tmp_path_factory.mktemp("open_clip_cfg"), TINY, TINY_CFG, LOGIT_SCALE)
 
 
 def _rand_head(c: int = 6, d: int = 8, seed: int = 0) -> tuple[TextHead, torch.Tensor]:
@@ -355,8 +349,8 @@ def test_forward_dimension_mismatch_names_both_dims() -> None:
     ("classnames", "templates", "error", "match"),
     [
         ([], ["a photo of a {}."], ValueError, "classnames is empty"),
-        (["cat", "dog", "cat"], ["a photo of a {}."], ValueError, r"'cat' \(index 0\) and 'cat' \(index 2\)"),
-        (["alarm_clock", "alarm clock"], ["a photo of a {}."], ValueError, "both become 'alarm clock'"),
+        (["cat", "dog", "cat"], ["a photo of a {}."], ValueError, "duplicate class name 'cat' at indices 0 and 2"),
+        (["alarm_clock", "alarm clock"], ["a photo of a {}."], ValueError, r"'alarm_clock' and 'alarm clock' \(both 'alarm clock'"),
         (["cat", " _ "], ["a photo of a {}."], ValueError, r"class name 1 \(' _ '\) is empty after cleaning"),
         (["cat"], ["a photo of a {}.", "a photo"], ValueError, r"'a photo' has no '\{\}'"),
         (["cat"], [], ValueError, "templates is empty"),

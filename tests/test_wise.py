@@ -37,11 +37,13 @@ def test_endpoints_are_bitwise() -> None:
     zs, ft = states()
     zs["2.weight"] = zs["2.weight"].to(torch.bfloat16)  # a low-precision entry on both sides
     ft["2.weight"] = ft["2.weight"].to(torch.bfloat16)
+    zs["index"], ft["index"] = torch.tensor([0, 2, 1]), torch.tensor([2, 1, 0])  # an int buffer
+    zs["mask"], ft["mask"] = torch.tensor([True, False]), torch.tensor([False, True])
+    assert zs["1.num_batches_tracked"].item() != ft["1.num_batches_tracked"].item()
     at0 = interpolate_weights(zs, ft, 0.0)
     at1 = interpolate_weights(zs, ft, 1)
-    for key in ft:
-        if ft[key].is_floating_point():
-            assert torch.equal(at0[key], zs[key]) and at0[key].dtype == zs[key].dtype, key
+    for key in ft:  # every entry, integer and bool buffers included: the whole state at each end
+        assert torch.equal(at0[key], zs[key]) and at0[key].dtype == zs[key].dtype, key
         assert torch.equal(at1[key], ft[key]) and at1[key].dtype == ft[key].dtype, key
         # new tensors, not views of the inputs: loading or editing one never changes the other
         assert at1[key].data_ptr() != ft[key].data_ptr()
@@ -176,3 +178,19 @@ def test_load_interpolated_into_a_wrapped_model() -> None:
         if key in ref:
             torch.testing.assert_close(value.double(), ref[key], rtol=1e-6, atol=1e-7)
     assert torch.equal(target[1].num_batches_tracked, ft_model[1].num_batches_tracked)
+
+
+def test_non_tensor_entries_follow_the_endpoints() -> None:
+    zs, ft = states()
+    zs["_extra_state"], ft["_extra_state"] = {"who": "zero-shot"}, {"who": "fine-tuned"}
+    assert interpolate_weights(zs, ft, 0.0)["_extra_state"] == {"who": "zero-shot"}
+    assert interpolate_weights(zs, ft, 0.5)["_extra_state"] == {"who": "fine-tuned"}
+    assert interpolate_weights(zs, ft, 1.0)["_extra_state"] == {"who": "fine-tuned"}
+
+
+def test_loading_alpha_zero_restores_the_zero_shot_model() -> None:
+    zs_model, ft_model = make_model(0), make_model(1)
+    ft_model[1].num_batches_tracked.fill_(11)
+    target = load_interpolated(make_model(2), zs_model, ft_model, 0.0)
+    for key, value in zs_model.state_dict().items():
+        assert torch.equal(target.state_dict()[key], value), key

@@ -6,7 +6,8 @@
   open_clip-order pipeline built from webdataset's stages.
 - :mod:`clipood_plugin.data.in_memory` — :func:`make_in_memory_loader`, uniform batches from a small
   set read once into memory (few-shot training, as the official DataLoader draws them).
-- :mod:`clipood_plugin.data.urls` — brace expansion, the ``pipe:`` policy and fsspec openers.
+- :mod:`clipood_plugin.data.urls` — brace expansion, the ``pipe:`` policy, which opener reads
+  which scheme, and :class:`ShardStoreError` for a store that cannot be reached.
 
 Names are imported on first use: the shard writer needs neither torch nor webdataset, so the CLI
 (and its worker processes) start quickly.
@@ -21,7 +22,7 @@ if TYPE_CHECKING:
     from clipood_plugin.data.in_memory import InMemoryLoader, make_in_memory_loader
     from clipood_plugin.data.make_shards import ShardSetInfo, write_shards
     from clipood_plugin.data.stream import EvalLoader, TrainLoader, make_eval_loader, make_train_loader
-    from clipood_plugin.data.urls import check_url, expand_urls, register_fsspec_handlers
+    from clipood_plugin.data.urls import ShardStoreError, check_url, expand_urls, register_fsspec_handlers
 
 _PUBLIC = {
     "InMemoryLoader": "clipood_plugin.data.in_memory",
@@ -32,6 +33,7 @@ _PUBLIC = {
     "TrainLoader": "clipood_plugin.data.stream",
     "make_eval_loader": "clipood_plugin.data.stream",
     "make_train_loader": "clipood_plugin.data.stream",
+    "ShardStoreError": "clipood_plugin.data.urls",
     "check_url": "clipood_plugin.data.urls",
     "expand_urls": "clipood_plugin.data.urls",
     "register_fsspec_handlers": "clipood_plugin.data.urls",
@@ -41,6 +43,7 @@ __all__ = [
     "EvalLoader",
     "InMemoryLoader",
     "ShardSetInfo",
+    "ShardStoreError",
     "TrainLoader",
     "check_url",
     "expand_urls",

@@ -20,8 +20,9 @@ seen twice. The per-domain share of each batch, the thing the protocol fixes, is
 
 Determinism: each domain's stream is seeded by ``(seed, domain name)`` and the epoch, so a run is
 a function of its seed, and replaying an epoch from its start reproduces its batches (what the
-recipe's mid-epoch resume relies on). The DataLoader iterators are created in domain order at the
-start of every epoch, so their worker seeds, drawn from torch's default generator, are too.
+recipe's mid-epoch resume relies on). Each sample's augmentation is seeded by the stream from
+``(domain seed, epoch, rank, worker, position)`` (:func:`~clipood_plugin.data.stream.seeded_rngs`),
+so a resumed run's fresh workers augment epoch e exactly as the uninterrupted run's did.
 """
 
 from __future__ import annotations
@@ -113,7 +114,7 @@ class BalancedLoader:
         return self.steps_per_epoch
 
     def __iter__(self) -> Iterator[tuple]:
-        streams = [iter(loader.loader) for loader in self.loaders]  # domain order: worker seeds are fixed
+        streams = [iter(loader.loader) for loader in self.loaders]
         for step in range(self.steps_per_epoch):
             parts = []
             for domain, stream in zip(self.domains, streams):

@@ -36,7 +36,8 @@ Per sample, in the DataLoader workers (a map-style dataset):
 
 5. the stream's decode (bytes → RGB PIL image; these bytes decoded once already, so a failure
    here is an error, not a skip) and ``transform``, with torch's and Python's RNG
-   seeded from ``(seed, pass, position in the pass)`` for the call and restored after, so the
+   seeded from ``(seed, pass, position in the pass)`` for the call and restored after (the
+   stream's :func:`~.stream.seeded_rngs`, one rule for both loaders), so the
    augmentation is a function of the run's seed, not of the worker count or of a resume
    (numpy's global RNG is not seeded: a transform drawing from it varies with the worker);
 6. collate into ``(images [B, ...], labels int64 [B][, domains list[str]])``.
@@ -81,6 +82,7 @@ from clipood_plugin.data.stream import (
     _ShardList,
     _ToTuple,
     dataset_size,
+    seeded_rngs,
 )
 
 __all__ = ["AUTO_MAX_SAMPLES", "InMemoryLoader", "make_in_memory_loader", "use_in_memory"]
@@ -161,17 +163,8 @@ class _EncodedImages(Dataset):
     def __getitem__(self, item: tuple[int, int]) -> tuple:
         index, aug_seed = item
         sample = self.sample(index)
-        # The CPU generator directly: torch.manual_seed would also queue a CUDA seeding, with a
-        # stack trace, on every call (a third of the time per sample here).
-        generator = torch.default_generator
-        torch_state, py_state = generator.get_state(), random.getstate()
-        generator.manual_seed(aug_seed)
-        random.seed(aug_seed)
-        try:
+        with seeded_rngs(aug_seed):  # the stream's per-sample rule
             return self.to_tuple(sample)
-        finally:
-            generator.set_state(torch_state)
-            random.setstate(py_state)
 
 
 class _PassBatches:

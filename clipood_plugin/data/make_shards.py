@@ -49,6 +49,7 @@ from pathlib import Path, PurePath, PurePosixPath
 from typing import Any
 
 from clipood_plugin._io import atomic_path
+from clipood_plugin.classnames import check_classnames
 
 __all__ = [
     "IMAGE_EXTENSIONS",
@@ -98,21 +99,6 @@ def _check_name(value: Any, what: str) -> str:
     if not isinstance(value, str) or not _NAME_RE.match(value):
         raise ValueError(f"{what} must be a plain file-name fragment (letters, digits, '_', '-', '.'), got {value!r}")
     return value
-
-
-def _check_classnames(classnames: Sequence[str]) -> list[str]:
-    if isinstance(classnames, str) or not isinstance(classnames, Sequence):
-        raise TypeError(f"classnames must be a sequence of strings, got {type(classnames).__name__}")
-    names = list(classnames)
-    if not names:
-        raise ValueError("classnames is empty")
-    bad = [n for n in names if not isinstance(n, str) or not n]
-    if bad:
-        raise ValueError(f"classnames must be non-empty strings, got {bad[:5]!r}")
-    dupes = sorted({n for n in names if names.count(n) > 1})
-    if dupes:
-        raise ValueError(f"classnames contains duplicates: {dupes[:5]!r}")
-    return names
 
 
 def _check_key(key: Any) -> str:
@@ -316,6 +302,7 @@ def write_shards(
     max_bytes_per_shard: int | None = None,
     progress: bool = True,
     total: int | None = None,
+    allow_duplicates: bool = False,
 ) -> ShardSetInfo:
     """Write ``samples`` as WebDataset shards ``<prefix or split>-000000.tar``, … in ``out_dir``.
 
@@ -324,7 +311,9 @@ def write_shards(
             (encoded bytes, stored as given), ``"cls"`` (int in ``[0, len(classnames))``) and
             optionally ``"domain"`` and ``"txt"`` (str). Consumed once, in order.
         out_dir: destination directory (created if needed); may already hold other splits.
-        classnames: class names by index; must equal any ``classnames.json`` already there.
+        classnames: class names by index; must equal any ``classnames.json`` already there, and
+            follow :func:`~clipood_plugin.classnames.check_classnames` (no two equal after
+            ``_`` → space unless ``allow_duplicates``).
         split: split name recorded in ``_info.json``.
         prefix: shard file-name prefix (default: ``split``).
         max_samples_per_shard: start a new shard after this many samples.
@@ -338,7 +327,7 @@ def write_shards(
             range, duplicate key, …), an empty ``samples``, or a directory whose metadata
             conflicts. Nothing is replaced in ``out_dir`` when it raises.
     """
-    names = _check_classnames(classnames)
+    names = check_classnames(classnames, allow_duplicates=allow_duplicates, what="write_shards")
     split = _check_name(split, "split")
     prefix = _check_name(prefix if prefix is not None else split, "prefix")
     if isinstance(max_samples_per_shard, bool) or not isinstance(max_samples_per_shard, int) or max_samples_per_shard < 1:
@@ -552,17 +541,18 @@ def domainbed_source(root: str | os.PathLike[str], domains: Sequence[str] | None
 _CSV_HEADER_NAMES = frozenset({"path", "file", "filename", "filepath", "image", "image_path", "img"})
 
 
-def _read_classnames_file(path: str | os.PathLike[str]) -> list[str]:
+def _read_classnames_file(path: str | os.PathLike[str], allow_duplicates: bool = False) -> list[str]:
     """A class list from a JSON list or a text file with one name per line."""
     text = Path(path).read_text(encoding="utf-8")
     if Path(path).suffix.lower() == ".json":
         names = json.loads(text)
     else:
         names = [line.strip() for line in text.splitlines() if line.strip()]
-    return _check_classnames(names)
+    return check_classnames(names, allow_duplicates=allow_duplicates, what=str(path))
 
 
-def csv_source(path: str | os.PathLike[str], classnames: Sequence[str] | None = None) -> Source:
+def csv_source(path: str | os.PathLike[str], classnames: Sequence[str] | None = None, *,
+               allow_duplicates: bool = False) -> Source:
     """Rows ``path,label[,domain]`` (tab-separated for ``.tsv``); paths relative to the CSV's folder.
 
     The first row is a header when its first field is a column name like ``path`` or ``image``.
@@ -584,7 +574,8 @@ def csv_source(path: str | os.PathLike[str], classnames: Sequence[str] | None = 
     for n, row in rows:
         if len(row) < 2 or len(row) > 3 or not row[0] or not row[1]:
             raise ValueError(f"{table}:{n}: expected 'path,label[,domain]', got {row!r}")
-    fixed = _check_classnames(classnames) if classnames is not None else None
+    fixed = (check_classnames(classnames, allow_duplicates=allow_duplicates, what=str(table))
+             if classnames is not None else None)
     labels = [row[1] for _, row in rows]
     if all(re.fullmatch(r"-?\d+", x) for x in labels):
         indices = [int(x) for x in labels]
@@ -689,6 +680,12 @@ def _build_parser() -> argparse.ArgumentParser:
         metavar="FILE",
         help="csv only: class names in index order (JSON list, or one name per line)",
     )
+    parser.add_argument(
+        "--allow-duplicate-classnames",
+        action="store_true",
+        help="accept class names that repeat after '_' -> space (ImageNet's standard list names two classes "
+        "'missile'); by default a repeat is an error",
+    )
     parser.add_argument("--no-progress", action="store_true", help="do not show the progress bar")
     return parser
 
@@ -709,8 +706,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         elif args.source == "domainbed":
             source = domainbed_source(args.input, args.domains)
         else:
-            names = _read_classnames_file(args.classnames) if args.classnames else None
-            source = csv_source(args.input, names)
+            dup = args.allow_duplicate_classnames
+            names = _read_classnames_file(args.classnames, dup) if args.classnames else None
+            source = csv_source(args.input, names, allow_duplicates=dup)
         if not source.records:
             raise ValueError(f"no image files found under {args.input!r}")
         info = write_shards(
@@ -723,6 +721,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             max_bytes_per_shard=args.max_bytes,
             progress=not args.no_progress,
             total=len(source),
+            allow_duplicates=args.allow_duplicate_classnames,
         )
     except (ValueError, TypeError, OSError) as exc:
         parser.exit(2, f"{parser.prog}: error: {exc}\n")

@@ -11,13 +11,20 @@ shards *after* splitting them and whose default node splitter refuses multi-node
 2. split by node (``rank`` / ``world_size`` passed in, never read from the environment);
 3. split by DataLoader worker;
 4. tar → samples, with a handler that logs and *counts* a bad shard or sample and goes on
-   (webdataset's ``warn_and_continue`` sleeps 0.5 s per error);
+   (webdataset's ``warn_and_continue`` sleeps 0.5 s per error); a store that cannot be reached
+   is not bad data and ends the run with :class:`~clipood_plugin.data.urls.ShardStoreError`,
+   naming the shard and the store;
 5. sample shuffle buffer, seeded by ``(seed, epoch, rank, worker, pass)``;
 6. decode the image to RGB PIL and parse ``cls`` (and ``domain``); undecodable → counted skip.
    Only these fields are decoded, so nothing in a shard is ever unpickled;
 7. label check: a label outside ``[0, num_classes)`` raises ValueError naming shard and key,
    because it means the class list does not match the shards — skipping would hide that;
-8. ``transform`` (open_clip's preprocess, timm's ``create_transform`` output, any callable);
+8. ``transform`` (open_clip's preprocess, timm's ``create_transform`` output, any callable),
+   with torch's and Python's RNG seeded for the call from ``(seed, epoch, rank, worker, pass,
+   position in the pass)`` and restored after (:func:`seeded_rngs`), so a sample's augmentation
+   is a function of the run's seed and epoch, not of how long the worker has lived: a resumed
+   run's fresh workers crop and flip exactly as the uninterrupted run's persistent ones
+   (numpy's global RNG is not seeded: a transform drawing from it still varies);
 9. tuple ``(image, label[, domain])``.
 
 Passes repeat, and the worker's stream is batched (``partial=False``) and cut at
@@ -37,6 +44,7 @@ it is opened, and a truncated tar once or twice (the cut member, then the broken
 
 from __future__ import annotations
 
+import contextlib
 import io
 import logging
 import math
@@ -54,15 +62,16 @@ from torch import Tensor
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from clipood_plugin.data.urls import (
-    FSSPEC_SCHEMES,
+    ShardStoreError,
     check_url,
     expand_urls,
     is_local,
+    is_network_failure,
     local_path,
+    metadata_readable,
     read_json,
     register_fsspec_handlers,
     sibling_url,
-    url_scheme,
 )
 
 __all__ = [
@@ -75,6 +84,7 @@ __all__ = [
     "epoch_steps",
     "make_eval_loader",
     "make_train_loader",
+    "seeded_rngs",
     "shard_order",
 ]
 
@@ -108,6 +118,13 @@ class SkipCounter:
     Returning True tells webdataset to skip the failed item. The count sits in shared memory,
     so :attr:`value` read in the main process includes every worker's skips. With ``strict``
     the error is re-raised instead (a recipe's ``--strict-data``).
+
+    A store that cannot be reached (connection refused or reset, a timeout:
+    :func:`~clipood_plugin.data.urls.is_network_failure`) is not bad data, and skipping it would
+    only walk through every other shard of the epoch to the same failure, logging each as bad
+    data: it raises :class:`~clipood_plugin.data.urls.ShardStoreError`, naming the shard and the
+    store, and is not counted. There are no retries here beyond the store client's own (s3fs and
+    botocore retry a connection a few times; ``AWS_MAX_ATTEMPTS`` sets botocore's count).
     """
 
     def __init__(self, context: Any = None, strict: bool = False) -> None:
@@ -115,6 +132,13 @@ class SkipCounter:
         self.strict = strict
 
     def __call__(self, exn: BaseException) -> bool:
+        if isinstance(exn, ShardStoreError):  # raised by this handler at an inner stage: pass it on as it was
+            exn.args = exn.args[:1]
+            raise exn
+        if is_network_failure(exn):
+            # webdataset appends the shard URL (and the stream) to the args of what it hands over
+            url = next((a for a in reversed(exn.args) if isinstance(a, str) and "://" in a), "<unknown shard>")
+            raise ShardStoreError.from_failure(url, exn) from exn
         if self.strict:
             raise exn
         with self._value.get_lock():
@@ -133,6 +157,56 @@ def _worker() -> tuple[int, int]:
     """(worker id, number of workers) of the current DataLoader worker; (0, 1) in the main process."""
     info = get_worker_info()
     return (0, 1) if info is None else (info.id, info.num_workers)
+
+
+@contextlib.contextmanager
+def seeded_rngs(seed: int) -> Iterator[None]:
+    """Run the body with torch's CPU generator and Python's ``random`` seeded by ``seed``; restore both after.
+
+    The one rule for augmentation randomness, shared by the stream and the in-memory loader: each
+    sample's transform runs under its own seed, so what it draws depends on the sample's place in
+    the run, never on the worker process's history (persistent workers seeded once at start-up
+    would otherwise crop a resumed run's samples differently). The state is restored, so nothing
+    else in the process (a ``workers=0`` training loop) sees its RNG move.
+    """
+    # The CPU generator directly: torch.manual_seed would also queue a CUDA seeding, with a stack
+    # trace, on every call (a third of the time per sample in the in-memory loader).
+    generator = torch.default_generator
+    torch_state, py_state = generator.get_state(), random.getstate()
+    generator.manual_seed(seed)
+    random.seed(seed)
+    try:
+        yield
+    finally:
+        generator.set_state(torch_state)
+        random.setstate(py_state)
+
+
+def augment_seed_base(*parts: object) -> int:
+    """A 62-bit seed base from ``parts`` (hashed as a string with SHA-512, so stable across processes)."""
+    return random.Random("clipood-augment/" + "/".join(str(p) for p in parts)).getrandbits(62)
+
+
+class _AugmentSeeds:
+    """Per-sample augmentation seeds of one worker's pass: base(seed, epoch, rank, worker, pass) + position.
+
+    :class:`_Repeat` calls :meth:`start_pass` before each pass; :class:`_ToTuple` takes one seed
+    per sample it transforms, in stream order (after the shuffle buffer), which is itself a pure
+    function of (seed, epoch, rank, worker).
+    """
+
+    def __init__(self, seed: int, epoch: SharedEpoch, rank: int) -> None:
+        self.seed, self.epoch, self.rank = seed, epoch, rank
+        self.base, self.position = 0, 0
+
+    def start_pass(self, pass_index: int) -> None:
+        worker, _ = _worker()
+        self.base = augment_seed_base(self.seed, self.epoch.get_value(), self.rank, worker, pass_index)
+        self.position = 0
+
+    def next(self) -> int:
+        self.position += 1
+        return self.base + self.position - 1
 
 
 # --------------------------------------------------------------------------------------------
@@ -272,13 +346,17 @@ class _CheckLabel:
 
 
 class _ToTuple:
-    """Stages 8–9: apply ``transform`` to the image; return (image, label[, domain])."""
+    """Stages 8–9: apply ``transform`` to the image (under a per-sample seed with ``seeds``); return the tuple."""
 
-    def __init__(self, transform: Callable[[Any], Any], with_domain: bool) -> None:
-        self.transform, self.with_domain = transform, with_domain
+    def __init__(self, transform: Callable[[Any], Any], with_domain: bool, seeds: _AugmentSeeds | None = None) -> None:
+        self.transform, self.with_domain, self.seeds = transform, with_domain, seeds
 
     def __call__(self, sample: dict) -> tuple:
-        image = self.transform(sample["image"])
+        if self.seeds is None:
+            image = self.transform(sample["image"])
+        else:
+            with seeded_rngs(self.seeds.next()):
+                image = self.transform(sample["image"])
         if not self.with_domain:
             return image, sample["label"]
         if "domain" not in sample:
@@ -303,14 +381,15 @@ def _collate(samples: list[tuple]) -> tuple:
 class _Repeat(IterableDataset):
     """Run the one-pass pipeline again and again; raise if a whole pass gives no usable sample."""
 
-    def __init__(self, one_pass: wds.DataPipeline, shuffle: _SampleShuffle) -> None:
+    def __init__(self, one_pass: wds.DataPipeline, shuffle: _SampleShuffle, seeds: _AugmentSeeds) -> None:
         super().__init__()
-        self.one_pass, self.shuffle = one_pass, shuffle
+        self.one_pass, self.shuffle, self.seeds = one_pass, shuffle, seeds
 
     def __iter__(self) -> Iterator[tuple]:
         pass_index = 0
         while True:
             self.shuffle.pass_index = pass_index
+            self.seeds.start_pass(pass_index)
             produced = 0
             for sample in self.one_pass:
                 produced += 1
@@ -370,8 +449,8 @@ def dataset_size(urls: Sequence[str]) -> int | None:
     """
     by_dir: dict[str, list[str]] = {}
     for url in urls:
-        if not (is_local(url) or url_scheme(url) in FSSPEC_SCHEMES):
-            return None  # pipe: and friends have no directory to look in
+        if not metadata_readable(url):
+            return None  # pipe:, or https:// without fsspec's HTTP backend: no directory to look in
         by_dir.setdefault(sibling_url(url, ""), []).append(url)
     total = 0
     for group in by_dir.values():
@@ -477,12 +556,13 @@ def _check_common(batch_size: int, transform: Any, num_classes: int, workers: in
 
 
 def _decode_stages(
-    handler: SkipCounter, image_keys: Sequence[str], num_classes: int, transform: Callable, with_domain: bool
+    handler: SkipCounter, image_keys: Sequence[str], num_classes: int, transform: Callable, with_domain: bool,
+    seeds: _AugmentSeeds | None = None,
 ) -> list:
     return [
         wds.map(_DecodeSample(image_keys), handler=handler),
         wds.map(_CheckLabel(num_classes)),
-        wds.map(_ToTuple(transform, with_domain)),
+        wds.map(_ToTuple(transform, with_domain, seeds)),
     ]
 
 
@@ -519,7 +599,9 @@ def make_train_loader(
         workers: DataLoader worker processes (0: load in the main process). Workers persist
             across epochs and see :meth:`TrainLoader.set_epoch` through shared memory.
         world_size, rank: the distributed layout, passed explicitly.
-        seed: seeds the shard permutation and the sample shuffle, together with the epoch.
+        seed: seeds the shard permutation, the sample shuffle and each sample's augmentation,
+            together with the epoch (the transform's torch and Python RNG draws are a function
+            of (seed, epoch, rank, worker, sample position), whatever the worker's history).
         resampled: draw shards with replacement (no node split; required when there are fewer
             shards than ``max(1, workers) × world_size``).
         shuffle_buffer: sample shuffle buffer size per worker (1: no sample shuffle).
@@ -537,6 +619,7 @@ def make_train_loader(
             sample count, a ``pipe:`` URL without ``allow_pipe``, an unknown scheme, bad arguments.
         FileNotFoundError: a local shard is missing.
         ImportError: the fsspec backend for the URLs' scheme is not installed.
+        ShardStoreError: (here or while iterating) the shards' store cannot be reached.
     """
     _check_common(batch_size, transform, num_classes, workers)
     _check_positive("world_size", world_size)
@@ -565,6 +648,7 @@ def make_train_loader(
     epoch = SharedEpoch(0, context)
     skips = SkipCounter(context, strict=strict_data)
     shuffle = _SampleShuffle(shuffle_buffer, seed=seed, epoch=epoch, rank=rank)
+    seeds = _AugmentSeeds(seed, epoch, rank)
     if resampled:
         source: list = [_ResampledShardList(shard_urls, seed=seed, epoch=epoch, rank=rank)]
     else:
@@ -578,10 +662,10 @@ def make_train_loader(
         _register_openers,
         wds.tarfile_to_samples(handler=skips),
         shuffle,
-        *_decode_stages(skips, image_keys, num_classes, transform, with_domain),
+        *_decode_stages(skips, image_keys, num_classes, transform, with_domain, seeds),
     )
     pipeline = wds.DataPipeline(
-        _Repeat(one_pass, shuffle),
+        _Repeat(one_pass, shuffle, seeds),
         wds.batched(batch_size, collation_fn=_collate, partial=False),
         wds.slice(per_worker),
     )

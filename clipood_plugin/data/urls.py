@@ -1,21 +1,44 @@
-"""Which shard URLs we open, and how: brace expansion, the ``pipe:`` policy, fsspec for object stores.
+"""Which shard URLs we open, and how: brace expansion, the ``pipe:`` policy, object-store openers.
 
-webdataset opens shards through ``webdataset.gopen``, a table of URL scheme → opener. Out of the
-box that table has no ``s3://`` entry at all (webdataset#184), reads ``gs://`` through the
-``gsutil`` command line tool, and has a ``pipe:`` scheme that hands the rest of the URL to a shell.
-This module sets the policy the streaming pipeline applies before it opens anything:
+webdataset opens shards through ``webdataset.gopen``, a table of URL scheme → opener. That table
+reads ``http(s)://`` with ``curl``, ``gs://`` with ``gsutil``, ``hf://`` through huggingface_hub
+and ``curl`` (and ``sftp``, ``scp``, ``ais``, … in the same way), has no ``s3://`` entry at all
+(webdataset#184), and has a ``pipe:`` scheme that hands the rest of the URL to a shell. This
+module sets the policy the streaming pipeline applies before it opens anything:
 
 - local paths and ``file://`` are read directly; a directory stands for its sorted ``*.tar`` files;
 - ``pipe:`` URLs run a shell command, so they are refused unless the caller opts in
   (``allow_pipe=True``), and always refused under webdataset's ``WDS_SECURE=1``;
-- ``s3://``, ``gs://``, ``gcs://``, ``az://``, ``abfs://``, ``http(s)://`` (and fsspec's built-in
-  ``memory://``) are read through fsspec, which :func:`register_fsspec_handlers` plugs into the
-  gopen table. A missing backend package is reported by name (``pip install s3fs``) at start-up,
-  not as an opaque failure inside a DataLoader worker.
+- the schemes webdataset lacks, ``s3://``, ``gcs://``, ``az://``, ``abfs://`` (and fsspec's
+  built-in ``memory://``), are read through fsspec (:data:`FSSPEC_SCHEMES`), which
+  :func:`register_fsspec_handlers` plugs into the gopen table. A missing backend package is
+  reported by name (``pip install s3fs``) at start-up, not as an opaque failure inside a
+  DataLoader worker;
+- the schemes webdataset opens itself keep webdataset's openers (:func:`webdataset_schemes`), so
+  a base install reads ``https://`` shards with ``curl`` and needs no aiohttp;
 - any other scheme is an error naming the scheme.
 
+The endpoint of an S3-compatible store (MinIO, Ceph, a local test server) is given the standard
+way, read by s3fs / botocore themselves: ``AWS_ENDPOINT_URL`` (or ``AWS_ENDPOINT_URL_S3``), or
+fsspec's configuration (``FSSPEC_S3_ENDPOINT_URL``, or ``endpoint_url`` in an fsspec config file).
+
 :func:`read_json` reads the ``sizes.json`` / ``_info.json`` metadata beside the shards through
-the same layer, so the sample count of a bucket-hosted dataset is found the same way as a local one.
+fsspec, so the sample count of a bucket-hosted dataset is found the same way as a local one; for
+a scheme webdataset opens itself that needs fsspec's backend for the scheme (aiohttp for
+``https://``), and without it the count is unknown (:func:`metadata_readable`).
+
+A store that cannot be reached is not bad data: :func:`is_network_failure` tells the two apart,
+and :class:`ShardStoreError` is the error that names the shard and the store. We add no retries
+of our own; the client's apply (botocore's ``AWS_MAX_ATTEMPTS``, s3fs's ``retries``). The trap: a
+store that stops *answering* rather than refusing is only noticed at the client's read timeout,
+60 s per attempt in botocore; set it in fsspec's configuration, e.g.
+``fsspec.config.conf["s3"] = {"config_kwargs": {"read_timeout": 10}}`` (or the same JSON in
+``FSSPEC_S3`` before fsspec is imported).
+
+Network failures are recognised on the fsspec path (s3fs, gcsfs, adlfs, fsspec's HTTP) and from
+the exit status of webdataset's ``curl`` opener (``http(s)://``, ``hf://``). ``gsutil`` (webdataset's
+``gs://``) exits 1 for every failure, so a ``gs://`` shard it cannot fetch is still counted as an
+unreadable shard.
 """
 
 from __future__ import annotations
@@ -23,6 +46,8 @@ from __future__ import annotations
 import json
 import os
 import posixpath
+import re
+import subprocess
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -31,28 +56,43 @@ from urllib.request import url2pathname
 
 __all__ = [
     "FSSPEC_SCHEMES",
+    "ShardStoreError",
     "check_url",
+    "describe_store",
     "expand_urls",
     "is_local",
+    "is_network_failure",
     "local_path",
+    "metadata_readable",
     "read_json",
     "register_fsspec_handlers",
     "sibling_url",
     "url_scheme",
+    "webdataset_schemes",
 ]
 
-#: Schemes read through fsspec, mapped to the pip package that provides the backend
-#: (``None``: built into fsspec). fsspec's own HTTP backend needs aiohttp and requests.
+#: Schemes webdataset's gopen table lacks, read through fsspec, mapped to the pip package that
+#: provides the backend (``None``: built into fsspec).
 FSSPEC_SCHEMES: dict[str, str | None] = {
     "s3": "s3fs",
-    "gs": "gcsfs",
     "gcs": "gcsfs",
     "az": "adlfs",
     "abfs": "adlfs",
-    "http": "aiohttp requests",
-    "https": "aiohttp requests",
     "memory": None,
 }
+
+
+def webdataset_schemes() -> frozenset[str]:
+    """The schemes webdataset's own gopen table opens (``http``, ``https``, ``gs``, ``hf``, …), ``pipe`` aside.
+
+    Read from the installed webdataset's table, so a scheme an older release lacks is refused
+    here rather than failing inside a worker; our fsspec entries are not counted.
+    """
+    import webdataset
+
+    table = webdataset.gopen_schemes
+    return frozenset(k for k, opener in table.items()
+                     if k not in ("__default__", "pipe") and k not in FSSPEC_SCHEMES and opener is not _fsspec_gopen)
 
 
 def url_scheme(url: str) -> str:
@@ -120,10 +160,29 @@ def check_url(url: str, allow_pipe: bool = False) -> str:
     if scheme in FSSPEC_SCHEMES:
         _require_backend(url, scheme)
         return scheme
-    known = ", ".join(f"{s}://" for s in FSSPEC_SCHEMES)
+    theirs = webdataset_schemes()
+    if scheme in theirs:
+        return scheme
+    known = ", ".join(f"{s}://" for s in [*FSSPEC_SCHEMES, *sorted(theirs)])
     raise ValueError(
         f"{url!r}: unsupported URL scheme {scheme!r}; use a local path, file://, {known} or pipe: (opt-in)"
     )
+
+
+def metadata_readable(url: str) -> bool:
+    """Whether :func:`read_json` can read files beside ``url``: local, or an fsspec backend for its scheme is installed."""
+    if is_local(url):
+        return True
+    scheme = url_scheme(url)
+    if scheme == "pipe":
+        return False
+    import fsspec
+
+    try:
+        fsspec.get_filesystem_class(scheme)
+    except (ImportError, ValueError):
+        return False
+    return True
 
 
 def _fsspec_gopen(url: str, mode: str = "rb", bufsize: int = 8192, **kw: Any) -> Any:
@@ -136,19 +195,24 @@ def _fsspec_gopen(url: str, mode: str = "rb", bufsize: int = 8192, **kw: Any) ->
 
 
 def register_fsspec_handlers() -> list[str]:
-    """Install fsspec-backed openers in ``webdataset.gopen_schemes`` for :data:`FSSPEC_SCHEMES`.
+    """Install fsspec-backed openers in ``webdataset.gopen_schemes`` for :data:`FSSPEC_SCHEMES` only.
 
-    Idempotent (the same function object is stored each time). Every scheme is registered, even
-    when its backend is missing, so a missing ``s3fs`` surfaces as an ImportError naming the package
-    rather than webdataset's generic "no gopen handler defined". The streaming pipeline calls this
-    inside each DataLoader worker too, so it also holds under the ``spawn`` start method, where
-    workers start with webdataset's default table. Returns the registered schemes.
+    The schemes webdataset opens itself keep its openers (the trap: replacing its ``https``
+    opener with fsspec's would make a base install ask for aiohttp). Idempotent (the same
+    function object is stored each time). Every fsspec scheme is registered, even when its
+    backend is missing, so a missing ``s3fs`` surfaces as an ImportError naming the package
+    rather than webdataset's generic "no gopen handler defined". The streaming pipeline calls
+    this inside each DataLoader worker too, so it also holds under the ``spawn`` start method,
+    where workers start with webdataset's default table. Returns the registered schemes.
     """
     import webdataset
 
+    registered = []
     for scheme in FSSPEC_SCHEMES:
-        webdataset.gopen_schemes[scheme] = _fsspec_gopen
-    return list(FSSPEC_SCHEMES)
+        if webdataset.gopen_schemes.get(scheme) in (None, _fsspec_gopen):  # a webdataset opener stays
+            webdataset.gopen_schemes[scheme] = _fsspec_gopen
+            registered.append(scheme)
+    return registered
 
 
 def _expand_one(pattern: str) -> list[str]:
@@ -165,10 +229,11 @@ def _expand_one(pattern: str) -> list[str]:
                     raise ValueError(f"{url!r}: directory holds no *.tar shards")
                 out.extend(str(p) for p in tars)
                 continue
-        elif url.endswith("/") and url_scheme(url) in FSSPEC_SCHEMES:
+        elif url.endswith("/") and (url_scheme(url) in FSSPEC_SCHEMES or metadata_readable(url)):
             import fsspec
 
-            _require_backend(url, url_scheme(url))
+            if url_scheme(url) in FSSPEC_SCHEMES:
+                _require_backend(url, url_scheme(url))
             fs, root = fsspec.core.url_to_fs(url)
             tars = sorted(fs.glob(posixpath.join(root, "*.tar")))
             if not tars:
@@ -231,8 +296,9 @@ def read_json(url: str, *, missing_ok: bool = False) -> Any:
         with open(path, encoding="utf-8") as fh:
             return json.load(fh)
     scheme = check_url(url)
-    if scheme not in FSSPEC_SCHEMES:
-        raise ValueError(f"{url!r}: metadata can be read from local paths or fsspec URLs only")
+    if not metadata_readable(url):
+        raise ValueError(f"{url!r}: metadata over {scheme}:// is read through fsspec, and fsspec has no backend "
+                         f"for {scheme!r} installed (https: `pip install aiohttp`)")
     import fsspec
 
     try:
@@ -242,3 +308,122 @@ def read_json(url: str, *, missing_ok: bool = False) -> Any:
         if missing_ok:
             return None
         raise
+    except Exception as exc:
+        if is_network_failure(exc):
+            raise ShardStoreError.from_failure(url, exc, "metadata file") from exc
+        raise
+
+
+# -- stores that cannot be reached ---------------------------------------------------------------
+
+#: (module, class name) of the exceptions that mean "the store could not be reached", wherever
+#: they sit in an exception's class hierarchy or its chain of causes. Matched by name, so none
+#: of these packages is imported to check.
+_NETWORK_ERRORS: frozenset[tuple[str, str]] = frozenset({
+    ("builtins", "ConnectionError"),  # refused, reset, aborted, broken pipe
+    ("builtins", "TimeoutError"),  # socket.timeout too
+    ("socket", "gaierror"),  # the host name does not resolve
+    ("botocore.exceptions", "ConnectionError"),  # EndpointConnectionError, ConnectTimeoutError, …
+    ("botocore.exceptions", "HTTPClientError"),  # ReadTimeoutError, ConnectionClosedError, …
+    ("aiohttp.client_exceptions", "ClientConnectionError"),  # ClientConnectorError, ServerDisconnectedError
+    ("aiohttp.client_exceptions", "ServerTimeoutError"),
+    ("fsspec.exceptions", "FSTimeoutError"),
+    ("requests.exceptions", "ConnectionError"),
+    ("requests.exceptions", "Timeout"),
+    ("urllib3.exceptions", "ProtocolError"),
+    ("urllib3.exceptions", "NewConnectionError"),
+})
+
+
+#: curl's exit codes for "could not reach the server" (``man curl``): resolve proxy / host (5, 6),
+#: connect (7), timeout (28), TLS handshake (35), empty reply (52), send / receive failure (55, 56).
+_CURL_NETWORK_EXITS = frozenset({5, 6, 7, 28, 35, 52, 55, 56})
+_CURL_STATUS = re.compile(r"\['curl'.*\]: exit (\d+)")
+
+
+def _curl_exit(exc: BaseException) -> int | None:
+    """curl's exit status when ``exc`` comes from webdataset's curl opener (``http(s)``, ``hf``), else None.
+
+    webdataset hands the opened stream to the handler with the error: its ``Pipe`` holds the
+    curl process, which has ended (or is ending: its output is closed) when the tar is found empty.
+    """
+    for arg in getattr(exc, "args", ()):
+        proc = getattr(arg, "proc", None)
+        if isinstance(proc, subprocess.Popen) and isinstance(proc.args, (list, tuple)) and proc.args[:1] == ["curl"]:
+            try:
+                return proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                return None
+        if isinstance(arg, str):
+            found = _CURL_STATUS.search(arg)
+            if found:
+                return int(found.group(1))
+    return None
+
+
+def is_network_failure(exc: BaseException) -> bool:
+    """True when ``exc``, or an exception it was raised from, says the store could not be reached.
+
+    Connection refused or reset, a timeout, an unresolvable host, botocore's and aiohttp's
+    connection errors, curl's exit codes for the same (webdataset's ``http(s)`` and ``hf``
+    opener): a failure of the network or the server, not of the data. A missing object (curl's
+    22, an HTTP error), a permission error or a corrupt tar is not one.
+    """
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, ShardStoreError):
+            return True
+        if any((cls.__module__, cls.__name__) in _NETWORK_ERRORS for cls in type(current).__mro__):
+            return True
+        if _curl_exit(current) in _CURL_NETWORK_EXITS:
+            return True
+        current = current.__cause__ or current.__context__
+    return False
+
+
+def _endpoint(scheme: str) -> str | None:
+    """The endpoint an S3-compatible client will use, from the standard variables and fsspec's config."""
+    if scheme != "s3":
+        return None
+    for name in ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL", "FSSPEC_S3_ENDPOINT_URL"):
+        if os.environ.get(name):
+            return f"{os.environ[name]} (from {name})"
+    try:
+        import fsspec
+
+        conf = fsspec.config.conf.get("s3", {})
+    except Exception:  # an unreadable fsspec config is not ours to report here
+        return None
+    endpoint = conf.get("endpoint_url") or (conf.get("client_kwargs") or {}).get("endpoint_url")
+    return f"{endpoint} (from fsspec's configuration)" if endpoint else None
+
+
+def describe_store(url: str) -> str:
+    """The store holding ``url`` in words: ``"s3://bucket at http://127.0.0.1:9000 (from AWS_ENDPOINT_URL)"``."""
+    parsed = urlparse(url)
+    store = f"{parsed.scheme}://{parsed.netloc}"
+    endpoint = _endpoint(parsed.scheme.lower())
+    return f"{store} at {endpoint}" if endpoint else store
+
+
+class ShardStoreError(OSError):
+    """A shard (or its metadata) could not be read because its store could not be reached.
+
+    Not bad data, so never counted as a skipped sample: the run stops with this error, which
+    names the shard and the store, and can resume (``--resume auto``) once the store is back.
+    """
+
+    @classmethod
+    def from_failure(cls, url: str, exc: BaseException, what: str = "shard") -> ShardStoreError:
+        """The error for ``what`` (``"shard"``, ``"metadata file"``) at ``url`` failing with ``exc``."""
+        first = next((a for a in getattr(exc, "args", ()) if isinstance(a, str)), "") or repr(exc)
+        curl = _curl_exit(exc)
+        if curl is not None:
+            first = f"{first}; curl exit {curl}"
+        return cls(
+            f"{what} {url!r}: the store {describe_store(url)} could not be reached ({type(exc).__name__}: "
+            f"{first[:300]}). A network failure is not bad data: the run stops here instead of skipping it "
+            "(nothing was counted as skipped); resume once the store is reachable again"
+        )

@@ -23,7 +23,8 @@ import math
 import random
 from collections.abc import Iterable, Sequence
 
-from clipood_plugin.protocols.records import ImageRecord, Split, _check_classnames
+from clipood_plugin.classnames import check_classnames
+from clipood_plugin.protocols.records import ImageRecord, Split
 
 __all__ = [
     "DEFAULT_SHOTS",
@@ -95,12 +96,15 @@ def base_to_new_split(
     shots: int | None = DEFAULT_SHOTS,
     seed: int = 0,
     val_shots: int | None = None,
+    allow_duplicates: bool = False,
 ) -> Split:
     """The base-to-new split of one dataset (CoOp protocol; method_reference §4.4.2).
 
     Args:
         train, test: the dataset's own train and test records, labelled by ``classnames`` index.
         classnames: all K class names (index = original label).
+        allow_duplicates: accept names that repeat after cleaning (ImageNet's standard list);
+            the rule of :mod:`clipood_plugin.classnames`, as for ``TextHead`` and ``write_shards``.
         val: CoOp's val records, or ``None`` (CoOp's ImageNet has none; it validates on test).
         shots: shots per class for train (16); ``None`` keeps the full train set.
         seed: the few-shot seed (official ``cfg.SEED = 0``).
@@ -111,7 +115,7 @@ def base_to_new_split(
         ``test_base`` (classified among base names) and ``test_new`` (among new names), each half
         relabelled from 0. ``info`` holds the original labels of each half.
     """
-    names = _check_classnames(classnames, "base_to_new_split")
+    names = check_classnames(classnames, allow_duplicates=allow_duplicates, what="base_to_new_split")
     for part, recs in (("train", train), ("test", test), ("val", val or [])):
         for r in recs:
             if r.label >= len(names):

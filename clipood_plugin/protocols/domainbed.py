@@ -31,7 +31,8 @@ from typing import Literal, NamedTuple
 
 import numpy as np
 
-from clipood_plugin.protocols.records import ImageRecord, Split, _check_classnames
+from clipood_plugin.classnames import check_classnames
+from clipood_plugin.protocols.records import ImageRecord, Split
 
 __all__ = [
     "DEFAULT_HOLDOUT_FRACTION",
@@ -229,6 +230,7 @@ def leave_one_domain_out(
     holdout_fraction: float = DEFAULT_HOLDOUT_FRACTION,
     trial_seed: int = 0,
     test_split: TestSplit = "out",
+    allow_duplicates: bool = False,
 ) -> Split:
     """Leave-one-domain-out split (method_reference §4.4.1).
 
@@ -238,6 +240,8 @@ def leave_one_domain_out(
         target: the held-out domain, by sorted index (the official ``--targets i``) or name; a
             sequence holds out several.
         classnames: the K class names (index = label); every part is classified among all K.
+        allow_duplicates: accept names that repeat after cleaning (ImageNet's standard list);
+            the rule of :mod:`clipood_plugin.classnames`, as for ``TextHead`` and ``write_shards``.
         holdout_fraction: "out" share of every environment (0.2).
         trial_seed: DomainBed's trial seed; environment ``i`` is split with ``seed_hash(trial_seed, i)``.
             CLIPood fixes it at 0.
@@ -251,7 +255,7 @@ def leave_one_domain_out(
     """
     if test_split not in ("out", "in", "all"):
         raise ValueError(f"test_split must be 'out', 'in' or 'all', got {test_split!r}")
-    names = _check_classnames(classnames, "leave_one_domain_out")
+    names = check_classnames(classnames, allow_duplicates=allow_duplicates, what="leave_one_domain_out")
     domains, envs = _sorted_environments(records_per_domain, len(names), "leave_one_domain_out")
     targets = resolve_targets(domains, target)
     train: list[ImageRecord] = []

@@ -24,8 +24,9 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import NamedTuple
 
+from clipood_plugin.classnames import check_classnames
 from clipood_plugin.protocols.base_to_new import DEFAULT_SHOTS, few_shot
-from clipood_plugin.protocols.records import ImageRecord, Split, _check_classnames
+from clipood_plugin.protocols.records import ImageRecord, Split
 
 __all__ = [
     "ClassSubset",
@@ -158,12 +159,15 @@ def imagenet_split(
     seed: int = 0,
     variants: Mapping[str, Sequence[ImageRecord]] | None = None,
     subset_variants: Mapping[str, tuple[ClassSubset, Sequence[ImageRecord]]] | None = None,
+    allow_duplicates: bool = False,
 ) -> Split:
     """ImageNet few-shot training and its shifted test sets as one :class:`Split`.
 
     Args:
         train, test: ImageNet train and val records (label = class index).
         classnames: the full class names (1000 for ImageNet), index = label.
+        allow_duplicates: accept names that repeat after cleaning (ImageNet's standard list);
+            the rule of :mod:`clipood_plugin.classnames`, as for ``TextHead`` and ``write_shards``.
         shots: shots per class (16); ``None`` trains on everything.
         seed: the few-shot seed (0).
         variants: name → records classified among all classes (``"imagenet_v2"``, ``"imagenet_sketch"``).
@@ -171,7 +175,7 @@ def imagenet_split(
             only (``"imagenet_a"``, ``"imagenet_r"``); ``info["class_index"][name]`` holds the
             subset's indices into ``classnames``.
     """
-    names = _check_classnames(classnames, "imagenet_split")
+    names = check_classnames(classnames, allow_duplicates=allow_duplicates, what="imagenet_split")
     parts: dict[str, list[ImageRecord]] = {"train": few_shot(train, shots, seed), "test": list(test)}
     cls: dict[str, list[str]] = {"train": names, "test": names}
     class_index: dict[str, list[int]] = {}

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
+from clipood_plugin.classnames import check_classnames
 from clipood_plugin.protocols.domainbed import (
     DEFAULT_HOLDOUT_FRACTION,
     _sorted_environments,
@@ -29,7 +30,7 @@ from clipood_plugin.protocols.domainbed import (
     resolve_targets,
     seed_hash,
 )
-from clipood_plugin.protocols.records import ImageRecord, Split, _check_classnames
+from clipood_plugin.protocols.records import ImageRecord, Split
 
 __all__ = ["DEFAULT_OPEN_RATIO", "in_the_wild_split", "num_base_classes"]
 
@@ -55,6 +56,7 @@ def in_the_wild_split(
     holdout_fraction: float = DEFAULT_HOLDOUT_FRACTION,
     open_ratio: float = DEFAULT_OPEN_RATIO,
     trial_seed: int = 0,
+    allow_duplicates: bool = False,
 ) -> Split:
     """The in-the-wild split (method_reference §4.4.3).
 
@@ -63,6 +65,8 @@ def in_the_wild_split(
             environment index is the sorted position of the domain name.
         target: held-out domain(s), by sorted index or name.
         classnames: all K class names in sorted order (index = label).
+        allow_duplicates: accept names that repeat after cleaning (ImageNet's standard list);
+            the rule of :mod:`clipood_plugin.classnames`, as for ``TextHead`` and ``write_shards``.
         holdout_fraction: "out" share of each base/new part (0.2).
         open_ratio: share of new classes (0.5).
         trial_seed: first element of the holdout seed tuples (the official code fixes 0).
@@ -71,7 +75,7 @@ def in_the_wild_split(
         A :class:`Split` with ``train``, ``val`` (base names) and ``test_base``, ``test_new``,
         ``test_all`` (all K names, original labels).
     """
-    names = _check_classnames(classnames, "in_the_wild_split")
+    names = check_classnames(classnames, allow_duplicates=allow_duplicates, what="in_the_wild_split")
     n_base = num_base_classes(len(names), open_ratio)
     domains, envs = _sorted_environments(records_per_domain, len(names), "in_the_wild_split")
     targets = resolve_targets(domains, target)

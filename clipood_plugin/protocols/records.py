@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -113,14 +113,3 @@ def _contiguous_domain_counts(records: Iterable[ImageRecord], what: str) -> dict
             last = rec.domain
         counts[rec.domain] += 1
     return counts
-
-
-def _check_classnames(classnames: Sequence[str], what: str) -> list[str]:
-    """A list of class names (index = label). Repeats are allowed: real lists have them (open_clip's
-    ImageNet names hold "missile" and "sunglasses" twice)."""
-    if isinstance(classnames, str | bytes):
-        raise TypeError(f"{what}: classnames must be a sequence of names, not a single string {classnames!r}")
-    names = [str(n) for n in classnames]
-    if not names:
-        raise ValueError(f"{what}: no class names given")
-    return names
