@@ -158,13 +158,22 @@ def test_sigterm_checkpoints_the_current_step_and_resume_is_exact(shards: Path, 
 
 
 def test_sigterm_under_torchrun_checkpoints_on_every_rank_together(shards: Path, tmp_path: Path) -> None:
+    # One loader worker per rank: torchrun signals each worker's whole process group, so the
+    # loader workers get the SIGTERM too and must survive until the checkpoint is written; their
+    # per-sample seeds make the resumed run's crops the same as the uninterrupted run's.
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
-    extra = ("--total-steps", "20", "--batch-size", "4", "--no-eval-zero-shot", "--checkpoint-interval", "0")
+    extra = ("--total-steps", "20", "--batch-size", "4", "--no-eval-zero-shot", "--checkpoint-interval", "0",
+             "--in-memory", "off")
+
+    def with_workers(args: list[str]) -> list[str]:
+        args[args.index("--workers") + 1] = "1"
+        return args
+
     reference = tmp_path / "uninterrupted"
-    proc = run(base_args(shards, reference, *extra), launcher=launcher)
+    proc = run(with_workers(base_args(shards, reference, *extra)), launcher=launcher)
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = tmp_path / "preempted"
-    args = base_args(shards, out, *extra)
+    args = with_workers(base_args(shards, out, *extra))
     at, code, err = _sigterm_at_a_random_step([*launcher, str(RECIPE), *args], out, ENV)
     assert code != 0, "a preempted run must not exit 0"
     saved = load_checkpoint(out / "checkpoints" / "last.pt")

@@ -14,8 +14,9 @@ flag (MAX) across ranks every call: one tiny collective per optimizer step, whos
 on the host (on GPU, right after the step's loss read, when the device is already drained).
 
 DataLoader workers share the signal too (torchrun signals each worker's whole process group):
-:func:`ignore_preemption_in_worker` is a ``worker_init_fn`` that leaves the signal to the main
-process, so a worker does not die before the checkpoint is written.
+the package's loaders start their workers with ``clipood_plugin._signals.ignore_preemption_signals``,
+which leaves the signal to the main process, so a worker does not die before the checkpoint is
+written. A loader of your own wants the same ``worker_init_fn``.
 """
 
 from __future__ import annotations
@@ -27,18 +28,9 @@ from typing import Any
 
 import torch
 
-__all__ = ["PREEMPTION_SIGNALS", "Preemption", "ignore_preemption_in_worker"]
+from clipood_plugin._signals import PREEMPTION_SIGNALS
 
-#: SIGTERM (the kill a scheduler or torchrun sends) and SIGUSR1 (SLURM's advance warning).
-PREEMPTION_SIGNALS: tuple[signal.Signals, ...] = (signal.SIGTERM, signal.SIGUSR1)
-
-
-def ignore_preemption_in_worker(worker_id: int = 0) -> None:
-    """``worker_init_fn`` for a DataLoader: workers ignore the preemption signals (the main process
-    handles them and shuts the workers down when it exits)."""
-    for sig in PREEMPTION_SIGNALS:
-        signal.signal(sig, signal.SIG_IGN)
-
+__all__ = ["PREEMPTION_SIGNALS", "Preemption"]
 
 class Preemption:
     """Record preemption signals instead of dying on them; poll with :meth:`requested`.
