@@ -79,6 +79,7 @@ from clipood_plugin.training.distributed import (
 from clipood_plugin.training.evaluate import evaluate
 from clipood_plugin.training.preemption import Preemption
 from clipood_plugin.training.progress import TrainProgress
+from clipood_plugin.training.tracking import ExperimentTracker
 
 # ----------------------------------------------------------------------------------------------
 # Configuration: -c/--config YAML gives defaults, command-line flags override (timm's two stages)
@@ -194,6 +195,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="skip evaluating the pretrained (zero-shot) weights before training")
     g.add_argument("--log-interval", type=int, default=10,
                    help="every N steps append the rank-averaged training loss to train_log.jsonl")
+    g.add_argument("--log-wandb", action="store_true",
+                   help="also log to Weights & Biases (extra 'wandb'; WANDB_MODE=offline works without a network)")
+    g.add_argument("--wandb-project", default="clipood", help="the wandb project for --log-wandb")
+    g.add_argument("--tensorboard", default=None, metavar="DIR", help="also write TensorBoard scalars to DIR")
     g.add_argument("--seed", type=int, default=0, help="seeds model init, data order and augmentation")
     g.add_argument("--device", default="auto", help="auto, cpu or cuda")
     g.add_argument("--fsdp", action="store_true",
@@ -722,6 +727,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     trained = {"eval": tower, **{p: avg.module for p, avg in bmas.items()}, "eval_ema": ema.module if ema else None}
     if args.fsdp:  # the sharded averages themselves: run_eval swaps their shards into the tower
         trained |= {**bmas, "eval_ema": ema}
+    tracker = ExperimentTracker(wandb_project=args.wandb_project if args.log_wandb else None,
+                                tensorboard_dir=args.tensorboard, config=vars(args), run_name=out_dir.name,
+                                enabled=primary)
+    if tracker.active and results:  # the zero-shot evaluation, at step 0
+        tracker.log(results, step)
     # preemption (SIGTERM, SLURM's SIGUSR1): finish the step, checkpoint it on every rank, exit 128+signal
     with Preemption() as preemption, TrainProgress(total_steps, start_step=step, enabled=primary) as bar:
         for epoch in range(start_epoch, epochs):
@@ -776,11 +786,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                         with (out_dir / "train_log.jsonl").open("a") as fh:
                             fh.write(json.dumps({"step": step, "loss": global_loss,
                                                  "lr": scheduler.get_last_lr()[0]}) + "\n")
+                        tracker.log({"train/loss": global_loss, "train/lr": scheduler.get_last_lr()[0],
+                                     "train/skipped": train.num_skipped}, step)
                 if preemption.requested(device):  # all ranks agree (a MAX all-reduce when distributed)
                     checkpoint(epoch, batch_index + 1)
                     barrier(dist_info)  # every rank leaves once the checkpoint is on disk
                     if primary:
                         bar.log(f"preempted: checkpoint at step {step} written; resume with --resume auto")
+                    tracker.close()
                     cleanup(dist_info)
                     sys.exit(preemption.exit_code())
                 if args.checkpoint_interval and step % args.checkpoint_interval == 0 and step < total_steps:
@@ -796,6 +809,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 row = {"epoch": epoch, "step": step, "train_loss": results.get("train_loss", float("nan")),
                        "lr": scheduler.get_last_lr()[0], "skipped": train.num_skipped, **metrics}
                 write_summary(out_dir / "summary.csv", row)
+                tracker.log({"epoch": epoch, **metrics}, step)  # raw, BMA (per β), EMA and WiSE metrics
                 with (out_dir / "metrics.jsonl").open("a") as fh:
                     fh.write(json.dumps(row) + "\n")
                 for name, _, _ in eval_sets:
@@ -825,6 +839,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if primary:
         (out_dir / "results.json").write_text(json.dumps(results, indent=2))
         print_results_table(results, [name for name, _, _ in eval_sets], out_dir)
+    tracker.close()
     cleanup(dist_info)
     return results
 

@@ -450,3 +450,31 @@ def test_torchcompile_trains_and_its_average_matches_the_eager_run(shards: Path,
     moved = sum((eager[k].double() - start[k].double()).pow(2).sum() for k in eager) ** 0.5
     print(f"compiled vs eager BMA: {float(diff / moved):.2e} of the distance moved")
     assert moved > 0 and diff <= 1e-3 * moved
+
+
+def test_wandb_offline_and_tensorboard_get_the_run_metrics(shards: Path, tmp_path: Path) -> None:
+    pytest.importorskip("wandb")
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out, wandb_dir, tb_dir = tmp_path / "run", tmp_path / "wandb", tmp_path / "tb"
+    wandb_dir.mkdir()
+    env = {**ENV, "WANDB_MODE": "offline", "WANDB_DIR": str(wandb_dir), "WANDB_SILENT": "true"}
+    cmd = [sys.executable, str(RECIPE), *base_args(shards, out, "--total-steps", "3", "--log-wandb",
+                                                   "--tensorboard", str(tb_dir), "--ema-decay", "0.9")]
+    proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    events = EventAccumulator(str(tb_dir))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    for tag in ("train/loss", "train/lr", "train/skipped", "eval_cartoon_top1", "eval_bma_cartoon_top1",
+                "eval_ema_cartoon_top1", "eval_zs_cartoon_top1"):
+        assert tag in tags, (tag, sorted(tags))
+    assert [e.step for e in events.Scalars("train/loss")] == [1, 2, 3]
+    logged = [json.loads(line)["loss"] for line in (out / "train_log.jsonl").read_text().splitlines()]
+    assert [e.value for e in events.Scalars("train/loss")] == pytest.approx(logged, rel=1e-6)
+    runs = list(wandb_dir.glob("wandb/offline-run-*/run-*.wandb"))
+    assert len(runs) == 1
+    data = runs[0].read_bytes()  # the offline run's records hold the metric names as they were logged
+    for key in (b"train/loss", b"eval_bma_cartoon_top1", b"eval_ema_cartoon_top1"):
+        assert key in data, key
