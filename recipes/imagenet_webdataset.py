@@ -42,7 +42,6 @@ import yaml
 from torch import nn
 
 from clipood_plugin import BetaMovingAverage, ExponentialMovingAverage, MMSLoss, TextHead
-from clipood_plugin._logging import no_random_init_warning
 from clipood_plugin.data.balanced import BalancedLoader, make_balanced_loader, parse_domain_urls
 from clipood_plugin.data.in_memory import (
     AUTO_MAX_SAMPLES,
@@ -51,7 +50,7 @@ from clipood_plugin.data.in_memory import (
     use_in_memory,
 )
 from clipood_plugin.data.stream import TrainLoader, make_eval_loader, make_train_loader
-from clipood_plugin.data.urls import read_json, sibling_url
+from clipood_plugin.models import create_clip, load_classnames
 from clipood_plugin.official import (
     OfficialPrecisionStep,
     official_text_features,
@@ -215,7 +214,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     first, _ = parser.parse_known_args(argv)
     if first.config:
         defaults = yaml.safe_load(Path(first.config).read_text()) or {}
-        known = {a.dest for a in parser._actions}
+        known = set(vars(parser.parse_args([])))  # every flag's dest
         unknown = sorted(set(defaults) - known)
         if unknown:
             parser.error(f"{first.config}: unknown keys {unknown}")
@@ -252,18 +251,6 @@ def select_metric(metrics: dict[str, Any], pattern: str) -> tuple[float | None, 
 # Building blocks (each small; the main loop below reads top to bottom)
 
 
-def load_classnames(spec: str | None, shards: str) -> list[str]:
-    if spec is None:
-        names = read_json(sibling_url(first_url(shards), "classnames.json"))
-    elif spec.endswith(".json"):
-        names = json.loads(Path(spec).read_text())
-    else:
-        names = [line.strip() for line in Path(spec).read_text().splitlines() if line.strip()]
-    if not isinstance(names, list) or not names:
-        raise ValueError(f"no class names found ({spec or 'classnames.json beside the shards'})")
-    return [str(n) for n in names]
-
-
 def train_data(args: argparse.Namespace, transform: Any, num_classes: int,
                dist_info: DistInfo) -> TrainLoader | BalancedLoader | InMemoryLoader:
     """The training stream: one shuffled stream (--train-shards) or balanced per-domain batches
@@ -295,37 +282,10 @@ def train_data(args: argparse.Namespace, transform: Any, num_classes: int,
                              **common)
 
 
-def first_url(shards: str) -> str:
-    from clipood_plugin.data.urls import expand_urls
-
-    return expand_urls(shards)[0]
-
-
 def build_model(args: argparse.Namespace, device: torch.device) -> tuple[nn.Module, nn.Module, Any, Any, Any]:
-    """(clip_model, image_tower, train_transform, eval_transform, tokenizer)."""
-    import open_clip
-
-    if args.model.startswith("clipood-tiny"):  # the embedded world's tiny CLIP config
-        from clipood_plugin.world.tiny_clip import register_model_config
-
-        register_model_config()
-    pretrained = args.pretrained
-    local = pretrained is not None and Path(pretrained).is_file()
-    # open_clip warns but does not fix a QuickGELU mismatch: OpenAI's weights were trained with
-    # QuickGELU, and `ViT-B-16` + `openai` would otherwise run them through plain GELU.
-    tag_cfg = open_clip.get_pretrained_cfg(args.model, pretrained) if pretrained and not local else {}
-    model_cfg = open_clip.get_model_config(args.model) or {}
-    force_quick_gelu = bool(tag_cfg.get("quick_gelu")) and not model_cfg.get("quick_gelu", False)
-    if force_quick_gelu:
-        print(f"note: {args.model} with pretrained={pretrained!r} uses QuickGELU, as those weights were trained",
-              file=sys.stderr)
-    with no_random_init_warning(local):  # open_clip's "no pretrained weights" line is wrong here: they load below
-        model, train_tf, eval_tf = open_clip.create_model_and_transforms(
-            args.model, pretrained=None if local else pretrained, device=device, force_quick_gelu=force_quick_gelu
-        )
-    if local:
-        load_local_weights(model, Path(pretrained))
-    tokenizer = open_clip.get_tokenizer(args.model)
+    """(clip_model, image_tower, train_transform, eval_transform, tokenizer); QuickGELU and local
+    weights as clipood_plugin.models.create_clip does them."""
+    model, train_tf, eval_tf, tokenizer = create_clip(args.model, args.pretrained, device)
     tower: nn.Module = model.visual
     if args.timm_tower:
         import timm
@@ -339,20 +299,6 @@ def build_model(args: argparse.Namespace, device: torch.device) -> tuple[nn.Modu
         train_tf = timm.data.create_transform(**data_cfg, is_training=True)
         eval_tf = timm.data.create_transform(**data_cfg)
     return model, tower, train_tf, eval_tf, tokenizer
-
-
-def load_local_weights(model: nn.Module, path: Path) -> None:
-    """A local checkpoint: safetensors, or a torch file read with weights_only=True (no code runs)."""
-    from clipood_plugin._wrappers import strip_wrapper_prefixes
-
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        state = load_file(str(path))
-    else:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        state = state.get("state_dict", state) if isinstance(state, dict) else state
-    model.load_state_dict(strip_wrapper_prefixes(state))
 
 
 def freeze_all_but_tower(model: nn.Module, tower: nn.Module, freeze: str) -> list[nn.Parameter]:

@@ -28,6 +28,7 @@ import yaml
 from torch import Tensor, nn
 
 from clipood_plugin.averaging import beta_weights, check_beta
+from clipood_plugin.models import load_classnames
 from clipood_plugin.posthoc.snapshots import Snapshots, load_snapshots, weighted_averages
 
 __all__ = ["build_parser", "main"]
@@ -57,53 +58,15 @@ def build_parser() -> argparse.ArgumentParser:
 # -- the model and the evaluation sets, rebuilt from the run's args.yaml ------------------------
 
 
-def _classnames(spec: str | None, shards: str | None) -> list[str]:
-    from clipood_plugin.data.urls import expand_urls, read_json, sibling_url
-
-    if spec is None:
-        if not shards:
-            raise ValueError("the run names no --classnames and no --train-shards to find classnames.json beside")
-        names = read_json(sibling_url(expand_urls(shards.split("::")[0])[0], "classnames.json"))
-    elif spec.endswith(".json"):
-        names = json.loads(Path(spec).read_text())
-    else:
-        names = [line.strip() for line in Path(spec).read_text().splitlines() if line.strip()]
-    if not isinstance(names, list) or not names:
-        raise ValueError(f"no class names found ({spec or 'classnames.json beside the shards'})")
-    return [str(n) for n in names]
-
-
 def _build_clip(run: dict[str, Any], device: torch.device) -> tuple[nn.Module, Any, Any]:
     """(model, eval transform, tokenizer) as the run built them, with the *pretrained* weights."""
-    import open_clip
-
-    from clipood_plugin._logging import no_random_init_warning
-    from clipood_plugin._wrappers import strip_wrapper_prefixes
+    from clipood_plugin.models import create_clip
 
     if run.get("timm_tower"):
         raise ValueError("clipood-posthoc rebuilds open_clip models only; this run used --timm-tower")
-    name, pretrained = run["model"], run.get("pretrained")
-    if name.startswith("clipood-tiny"):
-        from clipood_plugin.world.tiny_clip import register_model_config
-
-        register_model_config()
     torch.manual_seed(int(run.get("seed", 0)))  # as the recipe: a random-init text tower comes out the same
-    local = pretrained is not None and Path(pretrained).is_file()
-    tag_cfg = open_clip.get_pretrained_cfg(name, pretrained) if pretrained and not local else {}
-    quick = bool(tag_cfg.get("quick_gelu")) and not (open_clip.get_model_config(name) or {}).get("quick_gelu", False)
-    with no_random_init_warning(local):
-        model, _, eval_tf = open_clip.create_model_and_transforms(
-            name, pretrained=None if local else pretrained, device=device, force_quick_gelu=quick)
-    if local:
-        if str(pretrained).endswith(".safetensors"):
-            from safetensors.torch import load_file
-
-            state = load_file(str(pretrained))
-        else:
-            state = torch.load(pretrained, map_location="cpu", weights_only=True)
-            state = state.get("state_dict", state) if isinstance(state, dict) else state
-        model.load_state_dict(strip_wrapper_prefixes(state))
-    return model.eval(), eval_tf, open_clip.get_tokenizer(name)
+    model, _, eval_tf, tokenizer = create_clip(run["model"], run.get("pretrained"), device, verbose=False)
+    return model.eval(), eval_tf, tokenizer
 
 
 def _eval_sets(specs: list[str], train_names: list[str]) -> list[tuple[str, str, list[str]]]:
@@ -113,7 +76,7 @@ def _eval_sets(specs: list[str], train_names: list[str]) -> list[tuple[str, str,
         if not rest:
             raise ValueError(f"--eval-shards {spec!r}: expected NAME=URLS[|CLASSNAMES]")
         urls, _, names_file = rest.partition("|")
-        sets.append((name, urls, _classnames(names_file, urls) if names_file else train_names))
+        sets.append((name, urls, load_classnames(names_file, urls) if names_file else train_names))
     return sets
 
 
@@ -207,7 +170,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     from clipood_plugin.training.evaluate import evaluate
 
     model, eval_tf, tokenizer = _build_clip(run, device)
-    classnames = _classnames(run.get("classnames"), run.get("train_shards"))
+    classnames = load_classnames(run.get("classnames"), run.get("train_shards"))
     eval_sets = _eval_sets(args.eval_shards or list(run.get("eval_shards") or []), classnames)
     if not eval_sets:
         raise SystemExit("clipood-posthoc: no evaluation sets (give --eval-shards NAME=URLS)")
