@@ -61,7 +61,7 @@ from typing import Any
 import yaml
 
 from clipood_plugin._io import atomic_path
-from clipood_plugin.data.make_shards import Source, _Record, write_shards
+from clipood_plugin.data.make_shards import Source, ShardRecord, write_shards
 from clipood_plugin.protocols import (
     ImageRecord,
     base_to_new_split,
@@ -288,7 +288,7 @@ class ShardCache:
             key = sample_key(r.path, self.base)
             key = key if key not in keys else f"{key}~{i}"  # a.jpg beside a.png
             keys.add(key)
-            recs.append(_Record(r.path, r.label, key, r.domain))
+            recs.append(ShardRecord(r.path, r.label, key, r.domain))
         source = Source(list(class_keys), recs)
         info = write_shards(source.samples(self.workers), partial, classnames=list(class_keys), split="data",
                             prefix="shard", max_samples_per_shard=min(1000, max(1, math.ceil(len(recs) / 16))),

@@ -53,6 +53,7 @@ from clipood_plugin.classnames import check_classnames
 
 __all__ = [
     "IMAGE_EXTENSIONS",
+    "ShardRecord",
     "ShardSetInfo",
     "Source",
     "csv_source",
@@ -385,14 +386,16 @@ def write_shards(
 
 
 @dataclass(frozen=True)
-class _Record:
+class ShardRecord:
+    """One image file to write as a shard sample: its path, label, sample key and domain (if any)."""
+
     path: str
     label: int
     key: str
     domain: str | None = None
 
 
-def _load_record(record: _Record) -> tuple[dict | None, str | None]:
+def _load_record(record: ShardRecord) -> tuple[dict | None, str | None]:
     """Read and fully decode one image file; return (sample, None) or (None, why it was skipped).
 
     Runs in pool workers, so it must be a module-level function of picklable arguments.
@@ -431,7 +434,7 @@ class Source:
     """
 
     classnames: list[str]
-    records: list[_Record]
+    records: list[ShardRecord]
     num_unreadable: int = 0
     unreadable: list[str] = field(default_factory=list)
 
@@ -501,7 +504,7 @@ def imagefolder_source(root: str | os.PathLike[str]) -> Source:
         files = _image_files(base / name)
         if not files:
             _LOG.warning("class folder %s holds no images", base / name)
-        records.extend(_Record(str(f), label, _key_from_relpath(f.relative_to(base))) for f in files)
+        records.extend(ShardRecord(str(f), label, _key_from_relpath(f.relative_to(base))) for f in files)
     return Source(classnames, records)
 
 
@@ -534,7 +537,7 @@ def domainbed_source(root: str | os.PathLike[str], domains: Sequence[str] | None
     for d in chosen:
         for name in per_domain[d]:
             for f in _image_files(base / d / name):
-                records.append(_Record(str(f), index[name], _key_from_relpath(f.relative_to(base)), d))
+                records.append(ShardRecord(str(f), index[name], _key_from_relpath(f.relative_to(base)), d))
     return Source(classnames, records)
 
 
@@ -598,7 +601,7 @@ def csv_source(path: str | os.PathLike[str], classnames: Sequence[str] | None = 
         rel = PurePath(row[0].replace("\\", "/"))
         file = rel if rel.is_absolute() else table.parent / rel
         domain = row[2] if len(row) == 3 and row[2] else None
-        records.append(_Record(str(file), label, _key_from_relpath(rel), domain))
+        records.append(ShardRecord(str(file), label, _key_from_relpath(rel), domain))
     return Source(names, records)
 
 
