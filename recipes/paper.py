@@ -61,7 +61,7 @@ from typing import Any
 import yaml
 
 from clipood_plugin._io import atomic_path
-from clipood_plugin.data.make_shards import Source, ShardRecord, write_shards
+from clipood_plugin.data.make_shards import ShardRecord, Source, write_shards
 from clipood_plugin.protocols import (
     ImageRecord,
     base_to_new_split,
