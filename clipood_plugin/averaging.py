@@ -82,7 +82,7 @@ __all__ = [
 ]
 
 #: β = 0.5 (paper §3.3, "by default β = 0.5"; official `--beta`). The official scripts use 0.1
-#: for the open-class setting and for in-the-wild OfficeHome (method_reference §5).
+#: for the open-class setting and for in-the-wild OfficeHome (docs/official_code.md §5).
 DEFAULT_BETA = 0.5
 #: timm's ``ModelEmaV3`` default decay (its ``train.py`` flag defaults to 0.9998).
 DEFAULT_EMA_DECAY = 0.9999

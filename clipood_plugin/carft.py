@@ -10,12 +10,12 @@ the one the original CLIP gives::
 
 with ``w_m`` one text direction per context template and θ_0 the frozen pretrained tower.
 
-What is confirmed and what is our reading (the official code was not found; method_reference §8):
+What is confirmed and what is our reading (the official code was not found; docs/official_code.md §8):
 
 - **Confirmed** (paper abstract): the regulariser is a KL divergence between the context
   distributions that the original and the fine-tuned CLIP give an image, and the context
   distribution is obtained from zero-shot prompt weights.
-- **Our reading** (method_reference §8.2, to be checked against the paper's PDF):
+- **Our reading** (docs/official_code.md §8.2, to be checked against the paper's PDF):
 
   * the contexts are the prompt templates, by default the 80 OpenAI ImageNet templates, and
     ``w_m`` is template m's text embedding averaged over all classes and re-normalised (an
@@ -29,7 +29,7 @@ What is confirmed and what is our reading (the official code was not found; meth
   rewrite.
 
 Reported result for context: DomainBed average 78.5 with ViT-B/16 (abstract; PACS 96.8, VLCS 85.5,
-OfficeHome 85.7, TerraIncognita 61.9, DomainNet 62.5), against CLIPood's 78.6 (method_reference §7).
+OfficeHome 85.7, TerraIncognita 61.9, DomainNet 62.5), against CLIPood's 78.6 (docs/official_code.md §7).
 """
 
 from __future__ import annotations
@@ -151,7 +151,7 @@ class ContextBank(nn.Module):
         """Context directions from ``[C, M, D]`` prompt embeddings (class × template, each normalised).
 
         ``w_m`` = mean over the C classes of template m's normalised embeddings, re-normalised:
-        what the templates share across classes, i.e. the context (method_reference §8.2). The
+        what the templates share across classes, i.e. the context (docs/official_code.md §8.2). The
         rows are normalised here first, so unnormalised input gives the same bank.
         """
         if not isinstance(embeddings, Tensor) or embeddings.dim() != 3:

@@ -17,7 +17,7 @@ project onto all ``T`` and scale. Expanding, with ``T`` unit-norm::
 The last term is the same for every class of a row, and softmax cross-entropy ignores a per-row
 constant, so both forms give the same loss and gradient in exact arithmetic. The code form never
 builds the [B, C] margin matrix, and it is the form that reproduces the official training
-trajectory bit for bit (method_reference §2.2); the paper form drifts by rounding under Adam.
+trajectory bit for bit (docs/official_code.md §2.2); the paper form drifts by rounding under Adam.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ from clipood_plugin._precision import autocast_off, compute_dtype
 __all__ = ["DEFAULT_LAMBDA", "DEFAULT_SCALE", "MMSLoss"]
 
 #: λ = 0.3 for every dataset (paper §4, "the same λ = 0.3 for all datasets"; official `--lam`).
-#: The official scripts use 0.1 for the in-the-wild setting (method_reference §5).
+#: The official scripts use 0.1 for the in-the-wild setting (docs/official_code.md §5).
 DEFAULT_LAMBDA = 0.3
 #: s = 1/τ with τ = 0.01, CLIP's pretrained temperature (paper §4), used when the text
 #: embeddings come as a bare tensor. With a TextHead, its own scale (exp(logit_scale)) is used.

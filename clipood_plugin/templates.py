@@ -1,6 +1,6 @@
 """Prompt templates for building a :class:`~clipood_plugin.TextHead`, and the small helpers around them.
 
-CLIPood uses one template per dataset and no prompt ensembling (method_reference §2.1):
+CLIPood uses one template per dataset and no prompt ensembling (docs/official_code.md §2.1):
 ``"a photo of a {}."`` for the DomainBed tasks, and CoOp's per-dataset table for the open-class
 (base-to-new) benchmarks. Class names are cleaned by turning ``_`` into spaces, keeping case.
 
@@ -37,7 +37,7 @@ Template: TypeAlias = "str | Callable[[str], str]"
 DEFAULT_TEMPLATE = "a photo of a {}."
 
 #: CLIPood's single template per dataset. The open-class entries are CoOp's per-dataset table,
-#: which CLIPood's ``converter_dassl.py`` reuses unchanged (method_reference §2.1).
+#: which CLIPood's ``converter_dassl.py`` reuses unchanged (docs/official_code.md §2.1).
 CLIPOOD_TEMPLATES: dict[str, str] = {
     # DomainBed (domain shift, in the wild)
     "PACS": DEFAULT_TEMPLATE,

@@ -1,7 +1,7 @@
 """TextHead: CLIP's zero-shot head as a frozen, normalised prompt-embedding classifier.
 
 CLIPood classifies with, and takes its margins from, the text embeddings of one prompt per class,
-computed once by the frozen text tower (method_reference §2.1; official ``main.py:49-51``). The
+computed once by the frozen text tower (docs/official_code.md §2.1; official ``main.py:49-51``). The
 head holds those embeddings as a persistent ``[C, D]`` buffer (``nn.Linear`` orientation, like
 timm heads and WiSE-FT) together with the logit multiplier ``s = exp(logit_scale)``, and maps image
 features to scaled cosine logits ``s · cos(f, T_c)``. :class:`~clipood_plugin.MMSLoss` reads its
@@ -278,7 +278,7 @@ class TextHead(nn.Module):
 
         Class embedding = mean over templates of the normalised prompt embeddings
         (:func:`encode_prompts`), re-normalised; ``scale = exp(model.logit_scale)``. CLIPood's
-        default is one template, ``"a photo of a {}."`` (method_reference §2.1).
+        default is one template, ``"a photo of a {}."`` (docs/official_code.md §2.1).
 
         ``classnames`` are cleaned (``_`` → space, strip) for the prompts and must be non-empty and
         unique after cleaning (``allow_duplicates=True`` accepts repeats: ImageNet's standard list

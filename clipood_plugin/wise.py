@@ -7,7 +7,7 @@ WiSE-FT evaluates the straight line between the two weight vectors::
 α = 0 is the zero-shot model, α = 1 the fine-tuned one; intermediate α usually keep most of the
 fine-tuned in-distribution accuracy and recover much of the zero-shot robustness. It is the
 standard post-hoc baseline next to CLIPood's BMA (an average *along* the trajectory) and the
-companion the CAR-FT paper combines with its regulariser (method_reference §8.2).
+companion the CAR-FT paper combines with its regulariser (docs/official_code.md §8.2).
 
 This module holds the interpolation and an α-sweep helper; loading and evaluating a model stays
 with the caller (``evaluate`` below), so nothing here knows about datasets.

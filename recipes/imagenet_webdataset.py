@@ -416,7 +416,7 @@ def official_head(model: nn.Module, tokenizer: Any, names: list[str], templates:
                          f"--template gives {len(templates)}")
     prompts = [render_template(templates[0], clean_classname(n)) for n in names]
     raw = official_text_features(model, tokenizer, prompts, device)
-    head = TextHead(raw.float(), float(model.logit_scale.exp()), names, templates,
+    head = TextHead(raw.float(), float(model.logit_scale.detach().exp()), names, templates,
                     allow_duplicates=allow_duplicates).to(device)
     head.official_text = raw
     return head

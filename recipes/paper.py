@@ -1,4 +1,4 @@
-"""Reproduce a table of the CLIPood paper with one command (method_reference §4.3–§5, §7, §9).
+"""Reproduce a table of the CLIPood paper with one command (docs/official_code.md §4.3–§5, §7, §9).
 
     python recipes/paper.py --table 1 --dataset PACS --data-root $DATA              # every target domain
     python recipes/paper.py --table 4 --dataset OfficeHome --data-root $DATA --targets Art
@@ -26,7 +26,7 @@ One command, top to bottom:
 4. **Report.** Read each run's ``results.json``, print the table row beside the paper's numbers
    (``recipes/configs/paper_numbers.yaml``) and write it to ``<output>/table<N>_<dataset>.json``.
 
-Where the official code departs from its paper or from DomainBed, this follows method_reference §9
+Where the official code departs from its paper or from DomainBed, this follows docs/official_code.md §9
 and says so: Table 1 tests on the target's 20 % "out" holdout as the official code does
 (``--test-split in`` gives DomainBed's standard); Table 4 uses the ``seed_hash(0, …)`` splits the
 official in-the-wild code would have used had it not crashed (§4.4.3). The configs train in the

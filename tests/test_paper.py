@@ -31,7 +31,7 @@ sys.path.pop(0)
 
 from clipood_plugin.templates import CLIPOOD_TEMPLATES  # noqa: E402
 
-# method_reference §5 (official scripts.sh), typed in independently of the configs:
+# docs/official_code.md §5 (official scripts.sh), typed in independently of the configs:
 # dataset → (batch per domain or per step, lr, epochs, λ, β)
 SCRIPTS = {
     (1, "PACS"): (12, 5e-6, 10, 0.3, 0.5), (1, "VLCS"): (12, 5e-6, 10, 0.3, 0.5),
@@ -221,7 +221,7 @@ def test_each_config_holds_the_scripts_hyperparameters(table: int, name: str) ->
         "ViT-B-16", "openai", 0.1, 0)
     assert CLIPOOD_TEMPLATES[settings["template"]] == CLIPOOD_TEMPLATES[name]  # the paper's one template
     header = config.read_text().split("\n\n")[0]
-    assert "method_reference §5" in header and "Paper vs scripts:" in header
+    assert "docs/official_code.md §5" in header and "Paper vs scripts:" in header
     recipe = paper.load_recipe()
     args = recipe.parse_args(["-c", str(config)])  # every key is a recipe flag
     assert args.lr == lr and args.iters_per_epoch == 500

@@ -24,7 +24,7 @@ PLAIN_COOP += ("ImageNetA", "ImageNetR")
 def test_clipood_table_covers_every_benchmark_with_one_placeholder() -> None:
     for name in (*DOMAINBED, *PLAIN_COOP):
         assert CLIPOOD_TEMPLATES[name] == DEFAULT_TEMPLATE == "a photo of a {}."
-    # method_reference §2.1: CoOp's table, where "…" stands for "a photo of a {},"
+    # docs/official_code.md §2.1: CoOp's table, where "…" stands for "a photo of a {},"
     assert CLIPOOD_TEMPLATES["OxfordPets"] == "a photo of a {}, a type of pet."
     assert CLIPOOD_TEMPLATES["OxfordFlowers"] == "a photo of a {}, a type of flower."
     assert CLIPOOD_TEMPLATES["FGVCAircraft"] == "a photo of a {}, a type of aircraft."

@@ -1,7 +1,7 @@
 """Balanced per-domain batches: every step holds ``b`` samples of *each* source domain, concatenated.
 
 This is how DomainBed (and so the official CLIPood code) feeds a domain-generalisation run
-(method_reference §4.3, §9.7): one infinite loader per source environment, batch ``b`` each, and
+(docs/official_code.md §4.3, §9.7): one infinite loader per source environment, batch ``b`` each, and
 one batch of every loader concatenated per step, 12 × 3 = 36 images for PACS, 12 × 5 = 60 for
 DomainNet. A small domain is therefore seen as often as a large one, which one shuffled stream
 over the union of the domains would not do. The official "epoch" is a fixed count of such steps

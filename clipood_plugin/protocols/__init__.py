@@ -6,7 +6,7 @@ Nothing here decodes an image or trains anything. A protocol takes :class:`Image
 recipes, the embedded world and the tests all go through these rules, so a real dataset and the
 synthetic one are split the same way.
 
-Protocols (method_reference §4.3, §4.4):
+Protocols (docs/official_code.md §4.3, §4.4):
 
 - :mod:`~clipood_plugin.protocols.domainbed`: leave-one-domain-out with DomainBed's 80/20
   holdout (``seed_hash``, ``split_dataset``) and balanced per-domain batches.

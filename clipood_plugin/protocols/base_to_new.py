@@ -1,4 +1,4 @@
-"""Open class, base-to-new: the CoOp/CoCoOp protocol CLIPood runs (method_reference §4.4.2).
+"""Open class, base-to-new: the CoOp/CoCoOp protocol CLIPood runs (docs/official_code.md §4.4.2).
 
 Rules (CoOp ``datasets/*.py`` with dassl's ``DatasetBase``, as called by the official
 ``converter_dassl.py`` with ``NUM_SHOTS=16``, ``SEED=0``):
@@ -98,7 +98,7 @@ def base_to_new_split(
     val_shots: int | None = None,
     allow_duplicates: bool = False,
 ) -> Split:
-    """The base-to-new split of one dataset (CoOp protocol; method_reference §4.4.2).
+    """The base-to-new split of one dataset (CoOp protocol; docs/official_code.md §4.4.2).
 
     Args:
         train, test: the dataset's own train and test records, labelled by ``classnames`` index.

@@ -1,4 +1,4 @@
-"""DomainBed leave-one-domain-out, as CLIPood's official code runs it (method_reference §4.3, §4.4.1).
+"""DomainBed leave-one-domain-out, as CLIPood's official code runs it (docs/official_code.md §4.3, §4.4.1).
 
 Rules, each mirrored exactly so a split made here equals the official one image for image:
 
@@ -232,7 +232,7 @@ def leave_one_domain_out(
     test_split: TestSplit = "out",
     allow_duplicates: bool = False,
 ) -> Split:
-    """Leave-one-domain-out split (method_reference §4.4.1).
+    """Leave-one-domain-out split (docs/official_code.md §4.4.1).
 
     Args:
         records_per_domain: domain name → records (e.g. ``list_domainbed(root).records``). The
@@ -333,7 +333,7 @@ def per_domain_batches(
 
     This is the official ``InfiniteDataLoader`` behaviour (one ``RandomSampler(replacement=True)``
     with ``BatchSampler(batch, drop_last=True)`` per source, one batch of each concatenated per
-    step; method_reference §4.3, §9.7): uniform draws with replacement, so a small domain is seen
+    step; docs/official_code.md §4.3, §9.7): uniform draws with replacement, so a small domain is seen
     as often as a large one. The random stream is numpy's, not torch's, so it matches the
     official sampler in distribution, not draw for draw (the official one is not seeded for
     that either). Usable as a DataLoader ``batch_sampler`` over the concatenated sources.

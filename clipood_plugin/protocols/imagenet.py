@@ -1,4 +1,4 @@
-"""ImageNet 16-shot → ImageNet-V2, -Sketch, -A, -R (CoCoOp protocol; method_reference §4.4.4, §9.9).
+"""ImageNet 16-shot → ImageNet-V2, -Sketch, -A, -R (CoCoOp protocol; docs/official_code.md §4.4.4, §9.9).
 
 The official repo has no script for this table; its numbers match CoCoOp's protocol, and the
 dataset code CLIPood imports is CoOp's (``datasets/imagenet*.py``). Rules:

@@ -1,4 +1,4 @@
-"""In the wild: domain shift and open classes at once (OfficeHome, DomainNet; method_reference §4.4.3).
+"""In the wild: domain shift and open classes at once (OfficeHome, DomainNet; docs/official_code.md §4.4.3).
 
 Rules (official ``converter_domainbed.get_domainbed_datasets(..., open_ratio=0.5)``):
 
@@ -58,7 +58,7 @@ def in_the_wild_split(
     trial_seed: int = 0,
     allow_duplicates: bool = False,
 ) -> Split:
-    """The in-the-wild split (method_reference §4.4.3).
+    """The in-the-wild split (docs/official_code.md §4.4.3).
 
     Args:
         records_per_domain: domain name → records labelled by sorted class index; the
