@@ -69,7 +69,7 @@ import webdataset as wds
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
-from clipood_plugin._signals import ignore_preemption_signals
+from clipood_plugin._signals import shield_worker_from_preemption
 from clipood_plugin.data.stream import (
     DEFAULT_IMAGE_KEYS,
     SharedEpoch,
@@ -340,7 +340,7 @@ def make_in_memory_loader(
         persistent_workers=workers > 0,
         pin_memory=pin_memory,
         multiprocessing_context=context if workers > 0 else None,
-        worker_init_fn=ignore_preemption_signals,  # preemption is the main process's to handle
+        worker_init_fn=shield_worker_from_preemption,  # preemption is the main process's to handle
     )
     return InMemoryLoader(loader=loader, urls=shard_urls, steps_per_epoch=steps, num_samples=num_samples,
                           samples_per_epoch=steps * global_batch, num_bytes=int(data.numel()), sampler=sampler,

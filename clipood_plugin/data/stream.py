@@ -61,7 +61,7 @@ import webdataset as wds
 from torch import Tensor
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from clipood_plugin._signals import ignore_preemption_signals
+from clipood_plugin._signals import shield_worker_from_preemption
 from clipood_plugin.data.urls import (
     ShardStoreError,
     check_url,
@@ -678,7 +678,7 @@ def make_train_loader(
         persistent_workers=workers > 0,
         pin_memory=pin_memory,
         multiprocessing_context=context if workers > 0 else None,
-        worker_init_fn=ignore_preemption_signals,  # preemption is the main process's to handle
+        worker_init_fn=shield_worker_from_preemption,  # preemption is the main process's to handle
     )
     return TrainLoader(
         loader=loader,
@@ -737,6 +737,6 @@ def make_eval_loader(
         persistent_workers=False,
         pin_memory=pin_memory,
         multiprocessing_context=context if workers > 0 else None,
-        worker_init_fn=ignore_preemption_signals,  # preemption is the main process's to handle
+        worker_init_fn=shield_worker_from_preemption,  # preemption is the main process's to handle
     )
     return EvalLoader(loader=loader, urls=shard_urls, num_samples=num_samples, skip_counter=skips)

@@ -14,8 +14,9 @@ flag (MAX) across ranks every call: one tiny collective per optimizer step, whos
 on the host (on GPU, right after the step's loss read, when the device is already drained).
 
 DataLoader workers share the signal too (torchrun signals each worker's whole process group):
-the package's loaders start their workers with ``clipood_plugin._signals.ignore_preemption_signals``,
-which leaves the signal to the main process, so a worker does not die before the checkpoint is
+the package's loaders start their workers with ``clipood_plugin._signals.shield_worker_from_preemption``,
+which moves each worker into its own process group (a group-wide SIGTERM no longer reaches it)
+and ignores SIGUSR1, so a worker does not die before the checkpoint is
 written. A loader of your own wants the same ``worker_init_fn``.
 """
 
