@@ -32,6 +32,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch
 import torch.nn.functional as F
+from _common import sync
 from rich.console import Console
 from rich.table import Table
 from torch import nn
@@ -40,11 +41,6 @@ from clipood_plugin import BetaMovingAverage, MMSLoss
 from clipood_plugin.posthoc import TrajectorySnapshots
 
 RESULTS = Path(__file__).with_name("RESULTS.md")
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def interleaved(fns: dict[str, Callable[[], object]], rounds: int, inner: int, device: torch.device) -> dict[str, float]:
@@ -154,7 +150,7 @@ def bench_several(tower: nn.Module, device: torch.device, rounds: int, k: int = 
     def write_segment() -> None:  # what closing a segment adds: host copy + atomic safetensors write
         from safetensors.torch import save_file
 
-        from clipood_plugin._io import atomic_path
+        from clipood_plugin.training.checkpoint import atomic_path
 
         with atomic_path(Path(scratch.name) / "bench.safetensors") as tmp:
             save_file({n: p.detach().to("cpu").contiguous() for n, p in tower.named_parameters()}, str(tmp))

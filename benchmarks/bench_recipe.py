@@ -25,7 +25,6 @@ import statistics
 import tarfile
 import tempfile
 import time
-from collections.abc import Callable
 from datetime import date
 from pathlib import Path
 
@@ -33,6 +32,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch
 import torch.nn.functional as F
+from _common import timed
 from PIL import Image
 from rich.console import Console
 from rich.table import Table
@@ -148,21 +148,12 @@ def bench_step(model_name: str, batch: int, rounds: int, device: str = "cpu", nu
         steppers["clipood"]()
         bma.update_parameters(towers["clipood"])
 
-    def timed(fn: Callable[[], None]) -> float:
-        if dev.type == "cuda":
-            torch.cuda.synchronize(dev)
-        start = time.perf_counter()
-        fn()
-        if dev.type == "cuda":
-            torch.cuda.synchronize(dev)
-        return time.perf_counter() - start
-
     ce_step(), clipood_step()  # warm-up
     times: dict[str, list[float]] = {"plain CE step": [], "CLIPood step (MMS + BMA)": []}
     for r in range(rounds):
         pair = [("plain CE step", ce_step), ("CLIPood step (MMS + BMA)", clipood_step)]
         for name, fn in pair if r % 2 == 0 else reversed(pair):
-            times[name].append(timed(fn))
+            times[name].append(timed(fn, dev))
     return {k: statistics.median(v) for k, v in times.items()}
 
 

@@ -35,28 +35,18 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from _common import timed
 from rich.console import Console
 from rich.table import Table
 
 RESULTS = Path(__file__).with_name("RESULTS.md")
 
 
-def _timed(fn: Any, device: torch.device) -> float:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    start = time.perf_counter()
-    fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return time.perf_counter() - start
-
-
 def _rank_main(rank: int, world: int, args: argparse.Namespace, rendezvous: str, out: str) -> None:
     import open_clip
 
     from clipood_plugin import BetaMovingAverage
-    from clipood_plugin._sharding import local_views
-    from clipood_plugin.training.sharded import shard_tower
+    from clipood_plugin.training.sharded import local_views, shard_tower
 
     torch.set_num_threads(args.threads)
     device = torch.device(args.device, rank) if args.device == "cuda" else torch.device("cpu")
@@ -90,7 +80,7 @@ def _rank_main(rank: int, world: int, args: argparse.Namespace, rendezvous: str,
         samples: dict[str, list[float]] = {name: [] for name in fns}
         for r in range(args.rounds):
             for name, fn in (list(fns.items()) if r % 2 == 0 else list(reversed(fns.items()))):
-                samples[name].append(_timed(fn, device))
+                samples[name].append(timed(fn, device))
         with torch.no_grad():
             start = time.perf_counter()
             with bma.swapped_into(tower):

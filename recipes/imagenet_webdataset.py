@@ -33,7 +33,7 @@ import re
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 os.environ.setdefault("HF_HUB_OFFLINE", os.environ.get("HF_HUB_OFFLINE", "0"))
 
@@ -79,6 +79,9 @@ from clipood_plugin.training.evaluate import evaluate
 from clipood_plugin.training.preemption import Preemption
 from clipood_plugin.training.progress import TrainProgress
 from clipood_plugin.training.tracking import ExperimentTracker
+
+if TYPE_CHECKING:
+    from clipood_plugin.world.default import EmbeddedDefault
 
 # ----------------------------------------------------------------------------------------------
 # Configuration: -c/--config YAML gives defaults, command-line flags override (timm's two stages)
@@ -227,6 +230,26 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def apply_embedded_default(args: argparse.Namespace, default: EmbeddedDefault) -> None:
+    """Point ``args`` at the embedded world (in place): its shards and class names always; its eval
+    sets, model, template, fine-tuning settings and output name only where ``args`` still holds the
+    flag's own default (not a -c YAML's), so ``--lr`` and friends still apply to the embedded default."""
+    flags = build_parser()
+    args.train_shards = default.train_shards
+    args.classnames = default.classnames
+    if not args.eval_shards:
+        args.eval_shards = list(default.eval_shards)
+    if args.model is None:
+        args.model, args.pretrained = default.model, default.pretrained
+    if args.template == flags.get_default("template"):
+        args.template = default.template
+    for dest, value in default.hparams.items():
+        if getattr(args, dest) == flags.get_default(dest):
+            setattr(args, dest, value)
+    if args.output == flags.get_default("output"):
+        args.output = str(Path(args.output).parent / default.output_name)
+
+
 def bma_betas(args: argparse.Namespace) -> list[float]:
     """The --bma-beta values as a list (a YAML config may give one β as a scalar)."""
     return [float(b) for b in (args.bma_beta if isinstance(args.bma_beta, list) else [args.bma_beta])]
@@ -354,10 +377,16 @@ def parse_subsets(args: argparse.Namespace, classnames_by_set: dict[str, list[st
 
 
 def build_loss(args: argparse.Namespace, model: nn.Module, tower: nn.Module, tokenizer: Any, classnames: list[str],
-               head: TextHead, device: torch.device, primary: bool) -> Any:
-    """``loss_fn(tower, images, labels)`` for --loss mms | ce | carft (built before any step)."""
+               head: TextHead, device: torch.device, primary: bool,
+               official_text: torch.Tensor | None = None) -> Any:
+    """``loss_fn(tower, images, labels)`` for --loss mms | ce | carft (built before any step).
+
+    ``official_text``: with --numerics official, the fp16 text features :func:`official_head` returns.
+    """
     if args.numerics == "official":  # the official engine.py loss: fp16 logits from the fp16 text features
-        official_mms = MMSLoss(head.official_text, lam=args.mms_lambda,  # type: ignore[attr-defined]
+        if official_text is None:
+            raise ValueError("--numerics official: build_loss needs the fp16 text features official_head returns")
+        official_mms = MMSLoss(official_text, lam=args.mms_lambda,
                                scale=args.mms_scale or float(head.scale), precision="input", check_inputs=False)
         return lambda net, images, labels: official_mms(net(images), labels)
     if args.loss == "mms" or (args.loss == "carft" and args.carft_base == "mms"):
@@ -408,9 +437,10 @@ def check_official_flags(args: argparse.Namespace) -> None:
 
 
 def official_head(model: nn.Module, tokenizer: Any, names: list[str], templates: tuple[Any, ...],
-                  device: torch.device, allow_duplicates: bool) -> TextHead:
-    """The official get_text_features (one template, fp16 text tower): the fp16 features ride along
-    as ``head.official_text`` for the fp16 MMS loss; the head itself evaluates in fp32."""
+                  device: torch.device, allow_duplicates: bool) -> tuple[TextHead, torch.Tensor]:
+    """The official get_text_features (one template, fp16 text tower): ``(head, fp16 features)``.
+
+    The fp16 features are for the fp16 MMS loss (:func:`build_loss`); the head evaluates in fp32."""
     if len(templates) != 1:
         raise ValueError(f"--numerics official uses one prompt template per class, as the official code; "
                          f"--template gives {len(templates)}")
@@ -418,8 +448,7 @@ def official_head(model: nn.Module, tokenizer: Any, names: list[str], templates:
     raw = official_text_features(model, tokenizer, prompts, device)
     head = TextHead(raw.float(), float(model.logit_scale.detach().exp()), names, templates,
                     allow_duplicates=allow_duplicates).to(device)
-    head.official_text = raw
-    return head
+    return head, raw
 
 
 def wise_tower(tower: nn.Module, zero_shot_state: dict[str, torch.Tensor], alpha: float) -> nn.Module:
@@ -490,12 +519,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     torch.manual_seed(args.seed)  # identical model init on every rank
 
     if args.train_shards is None and not args.train_shards_per_domain:  # the embedded default world and tiny CLIP
-        from clipood_plugin.world.default import prepare_embedded_default
+        from clipood_plugin.world.default import embedded_default
 
-        defaults = {a.dest: a.default for a in build_parser()._actions}
         if not primary:
             barrier(dist_info)  # rank 0 generates and caches the world first
-        prepare_embedded_default(args, defaults, primary=primary)
+        apply_embedded_default(args, embedded_default(args.quick, args.cache_dir, progress=primary))
         if primary:
             barrier(dist_info)
     out_dir = Path(args.output)
@@ -515,14 +543,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     classnames = load_classnames(args.classnames, args.train_shards or "::".join(
         parse_domain_urls(args.train_shards_per_domain).values()))
     templates = get_templates(args.template)
-    def make_head(names: list[str]) -> TextHead:
+    def make_head(names: list[str]) -> tuple[TextHead, torch.Tensor | None]:
+        """The frozen head for ``names``, and (official numerics only) its fp16 text features."""
         if official:
             return official_head(model, tokenizer, names, templates, device, args.allow_duplicate_classnames)
-        return TextHead.from_open_clip(model, tokenizer, names, templates, device=device, cache_dir=args.cache_dir,
-                                       progress=primary, allow_duplicates=args.allow_duplicate_classnames).to(device)
+        clean = TextHead.from_open_clip(model, tokenizer, names, templates, device=device, cache_dir=args.cache_dir,
+                                        progress=primary, allow_duplicates=args.allow_duplicate_classnames)
+        return clean.to(device), None
 
-    head = make_head(classnames)
-    loss_fn = build_loss(args, model, tower, tokenizer, classnames, head, device, primary)
+    head, official_text = make_head(classnames)
+    loss_fn = build_loss(args, model, tower, tokenizer, classnames, head, device, primary, official_text)
     zero_shot_state = {k: v.detach().to("cpu", copy=True) for k, v in tower.state_dict().items()} \
         if args.wise_alpha is not None else None
     if args.fsdp:  # after the CAR-FT copy, before the optimizer and the averages: both must see the shards
@@ -545,7 +575,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     total_steps = args.total_steps or args.epochs * steps_per_epoch
     epochs = math.ceil(total_steps / steps_per_epoch)
     eval_sets = parse_eval_sets(args, classnames)
-    eval_heads = {name: head if names == classnames else make_head(names) for name, _, names in eval_sets}
+    eval_heads = {name: head if names == classnames else make_head(names)[0] for name, _, names in eval_sets}
     subsets = parse_subsets(args, {name: names for name, _, names in eval_sets})
     base_classes = torch.tensor([int(i) for i in args.base_classes.split(",")]) if args.base_classes else None
 

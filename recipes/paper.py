@@ -8,14 +8,16 @@
 
 One command, top to bottom:
 
-1. **Split.** List the dataset under ``--data-root`` and split it with the table's protocol from
+1. **Split.** List the dataset under ``--data-root`` (where each dataset lives and how its files
+   are read: ``recipes/paper_datasets.py``) and split it with the table's protocol from
    :mod:`clipood_plugin.protocols` (the split rules live there, not here): DomainBed
    leave-one-domain-out (Table 1), 16-shot ImageNet and its variants (Table 2), CoOp base-to-new
    (Table 3), in the wild (Table 4).
-2. **Shards, once.** Write every part of a split as WebDataset shards under ``--cache``. A shard set
-   is named by a hash of exactly what it holds (file paths, labels, domains, class list), so a
-   second run, or another target domain sharing a source's 80 % split, reuses it; a changed tree
-   gets new shards. Sample keys are the files' paths relative to the dataset folder.
+2. **Shards, once.** Write every part of a split as WebDataset shards under ``--cache``
+   (:class:`clipood_plugin.data.shard_cache.ShardCache`). A shard set is named by a hash of exactly
+   what it holds (file paths, labels, domains, class list), so a second run, or another target
+   domain sharing a source's 80 % split, reuses it; a changed tree gets new shards. Sample keys
+   are the files' paths relative to the dataset folder.
 3. **Train.** Run the streaming recipe (``recipes/imagenet_webdataset.py``) once per target with the
    table's YAML (``recipes/configs/table<N>_<dataset>.yaml``): in this process by default, or as a
    subprocess under ``--launcher`` (e.g. ``torchrun``). Each run resumes (``--resume auto``) if it
@@ -39,29 +41,37 @@ from __future__ import annotations
 
 import argparse
 import gc
-import hashlib
 import importlib.util
 import json
 import logging
-import math
 import os
 import random
-import re
 import shlex
-import shutil
 import subprocess
 import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path, PurePath
+from pathlib import Path
 from types import ModuleType
 from typing import Any
 
 import yaml
+from paper_datasets import (
+    COOP,
+    DOMAINBED,
+    IMAGENET_VARIANTS,
+    TABLES,
+    Dataset,
+    check_layout,
+    dataset_dir,
+    find_dataset,
+    read_coop,
+    unique_keys,
+)
 
-from clipood_plugin._io import atomic_path
-from clipood_plugin.data.make_shards import ShardRecord, Source, write_shards
+from clipood_plugin.classnames import duplicate_classnames
+from clipood_plugin.data.shard_cache import ShardCache, ShardSet, safe_name
 from clipood_plugin.protocols import (
     ImageRecord,
     base_to_new_split,
@@ -71,238 +81,55 @@ from clipood_plugin.protocols import (
     leave_one_domain_out,
     list_domainbed,
 )
-from clipood_plugin.protocols.domainbed import list_image_folder, resolve_targets
+from clipood_plugin.protocols.domainbed import resolve_targets
 from clipood_plugin.protocols.imagenet import (
     imagenet_records,
     imagenet_v2_records,
     parse_classnames,
     subset_records,
 )
-from clipood_plugin.templates import clean_classname
-
-_LOG = logging.getLogger("paper")
+from clipood_plugin.training.checkpoint import atomic_path
+from clipood_plugin.training.distributed import launch_from_env
 
 RECIPES = Path(__file__).resolve().parent
 RECIPE = RECIPES / "imagenet_webdataset.py"
 CONFIGS = RECIPES / "configs"
 PAPER_NUMBERS = CONFIGS / "paper_numbers.yaml"
-#: Bump when a change here would make the same records produce different shards.
-_SHARD_FORMAT = 1
-
-# ----------------------------------------------------------------------------------------------
-# The tables and their datasets (folder names as DomainBed's and CoOp's download scripts make them)
-
-
-@dataclass(frozen=True)
-class Dataset:
-    """Where a dataset lives under ``--data-root`` and what a correct copy of it looks like."""
-
-    name: str
-    folder: str
-    domains: tuple[str, ...] = ()  # DomainBed: the domain folders, sorted (= DomainBed's environment order)
-    num_classes: int | None = None
-    split_file: str | None = None  # CoOp: split_zhou_<name>.json, paths relative to image_dir
-    image_dir: str = ""
-
-
-DOMAINBED: dict[str, Dataset] = {
-    "PACS": Dataset("PACS", "PACS", ("art_painting", "cartoon", "photo", "sketch"), 7),
-    "VLCS": Dataset("VLCS", "VLCS", ("Caltech101", "LabelMe", "SUN09", "VOC2007"), 5),
-    "OfficeHome": Dataset("OfficeHome", "office_home", ("Art", "Clipart", "Product", "Real World"), 65),
-    "TerraIncognita": Dataset("TerraIncognita", "terra_incognita",
-                              ("location_100", "location_38", "location_43", "location_46"), 10),
-    "DomainNet": Dataset("DomainNet", "domain_net",
-                         ("clipart", "infograph", "painting", "quickdraw", "real", "sketch"), 345),
-}
-COOP: dict[str, Dataset] = {
-    "ImageNet": Dataset("ImageNet", "imagenet", num_classes=1000),
-    "Caltech101": Dataset("Caltech101", "caltech-101", num_classes=100, split_file="split_zhou_Caltech101.json",
-                          image_dir="101_ObjectCategories"),
-    "OxfordPets": Dataset("OxfordPets", "oxford_pets", num_classes=37, split_file="split_zhou_OxfordPets.json",
-                          image_dir="images"),
-    "StanfordCars": Dataset("StanfordCars", "stanford_cars", num_classes=196,
-                            split_file="split_zhou_StanfordCars.json"),
-    "OxfordFlowers": Dataset("OxfordFlowers", "oxford_flowers", num_classes=102,
-                             split_file="split_zhou_OxfordFlowers.json", image_dir="jpg"),
-    "Food101": Dataset("Food101", "food-101", num_classes=101, split_file="split_zhou_Food101.json",
-                       image_dir="images"),
-    "FGVCAircraft": Dataset("FGVCAircraft", "fgvc_aircraft", num_classes=100, image_dir="images"),
-    "SUN397": Dataset("SUN397", "sun397", num_classes=397, split_file="split_zhou_SUN397.json", image_dir="SUN397"),
-    "DescribableTextures": Dataset("DescribableTextures", "dtd", num_classes=47,
-                                   split_file="split_zhou_DescribableTextures.json", image_dir="images"),
-    "EuroSAT": Dataset("EuroSAT", "eurosat", num_classes=10, split_file="split_zhou_EuroSAT.json", image_dir="2750"),
-    "UCF101": Dataset("UCF101", "ucf101", num_classes=101, split_file="split_zhou_UCF101.json",
-                      image_dir="UCF-101-midframes"),
-}
-#: Table 2's shifted test sets: eval name → (folder under --data-root, image folder inside it), CoOp's layout.
-IMAGENET_VARIANTS: dict[str, tuple[str, str]] = {
-    "imagenet_v2": ("imagenetv2", "imagenetv2-matched-frequency-format-val"),
-    "imagenet_sketch": ("imagenet-sketch", "images"),
-    "imagenet_a": ("imagenet-adversarial", "imagenet-a"),
-    "imagenet_r": ("imagenet-rendition", "imagenet-r"),
-}
-TABLES: dict[int, tuple[str, tuple[str, ...]]] = {
-    1: ("domain shift: DomainBed leave-one-domain-out, one run per target domain, mean over targets",
-        tuple(DOMAINBED)),
-    2: ("16-shot ImageNet → ImageNet, -V2, -Sketch (1000-way), -A, -R (200-way)", ("ImageNet",)),
-    3: ("open class: CoOp base-to-new, 16 shots, ⌈K/2⌉ base classes, H = harmonic mean", tuple(COOP)),
-    4: ("in the wild: ⌊K/2⌋ base classes; the whole target domain tested among all K names",
-        ("OfficeHome", "DomainNet")),
-}
-_ALIASES = {"dtd": "DescribableTextures", "flowers102": "OxfordFlowers", "oxford_flowers": "OxfordFlowers",
-            "terra_incognita": "TerraIncognita", "office_home": "OfficeHome", "domain_net": "DomainNet"}
 #: What --dry-run changes in a table's YAML: the tiny random-init CLIP, two steps, CPU, no workers.
 DRY_RUN_OVERRIDES: dict[str, Any] = {
     "model": "clipood-tiny", "pretrained": None, "epochs": 1, "iters_per_epoch": 2, "batch_size": 4,
     "workers": 0, "amp": "none", "device": "cpu", "log_interval": 1, "shuffle_buffer": 16,
 }
 
-
-def find_dataset(table: int, name: str) -> Dataset:
-    """The dataset ``name`` of ``table`` (case-insensitive; ``DTD`` and DomainBed folder names accepted)."""
-    wanted = _ALIASES.get(name.lower(), name).lower()
-    for candidate in TABLES[table][1]:
-        if candidate.lower() == wanted:
-            return DOMAINBED.get(candidate) or COOP[candidate]
-    raise ValueError(f"Table {table} has no dataset {name!r}; its datasets are {', '.join(TABLES[table][1])}")
+# ----------------------------------------------------------------------------------------------
+# The table's config and the class names its text heads are built from
 
 
 def config_path(table: int, dataset: Dataset) -> Path:
+    """The recipe YAML of one table row: ``recipes/configs/table<N>_<dataset>.yaml``."""
     return CONFIGS / f"table{table}_{dataset.name.lower()}.yaml"
 
 
-def dataset_dir(root: Path, dataset: Dataset) -> Path:
-    """``root/<folder>`` (``root`` = CoOp's / DomainBed's ``$DATA``), or ``root`` itself if it is the dataset."""
-    if not root.is_dir():
-        raise FileNotFoundError(f"--data-root {str(root)!r} is not a directory")
-    if (root / dataset.folder).is_dir():
-        return root / dataset.folder
-    markers = [*dataset.domains, dataset.split_file or "", "variants.txt", "images", "train"]
-    if root.name == dataset.folder or any(m and (root / m).exists() for m in markers):
-        return root
-    raise FileNotFoundError(
-        f"{dataset.name}: expected the folder {str(root / dataset.folder)!r} (see `recipes/paper.py --help` for the layout)"
-    )
-
-
-# ----------------------------------------------------------------------------------------------
-# Class names: shard class lists must be unique; prompts must be unique after CLIPood's cleaning
-
-
-def unique_keys(names: Sequence[str]) -> list[str]:
-    """Class list stored beside the shards: the names when unique, else ``<index>_<name>``."""
-    names = [str(n) for n in names]
-    return names if len(set(names)) == len(names) else [f"{i:04d}_{n}" for i, n in enumerate(names)]
-
-
 def prompt_names(names: Sequence[str], rename_duplicates: bool = False) -> list[str]:
-    """The class names the text head is built from, checked for repeats after ``_`` → space.
+    """The class names the text head is built from, checked for repeats after ``_`` → space
+    (:func:`clipood_plugin.classnames.duplicate_classnames`).
 
     CLIP's ImageNet list, which CoOp's ``classnames.txt`` copies, names two classes "missile" and
     two "sunglasses". By default they keep their identical prompts and their logits tie, as in the
     official code (the recipe runs with ``--allow-duplicate-classnames``); with
     ``rename_duplicates`` the k-th repeat becomes ``"<name> (k)"`` (a change to those prompts only).
     """
-    cleaned = [clean_classname(n) for n in names]
-    seen: dict[str, int] = {}
-    out: list[str] = []
-    repeats: list[str] = []
-    for raw, name in zip(names, cleaned):
-        seen[name] = seen.get(name, 0) + 1
-        if seen[name] > 1:
-            repeats.append(name)
-            out.append(f"{name} ({seen[name]})")
-        else:
-            out.append(str(raw))
+    out = [str(n) for n in names]
+    repeats = duplicate_classnames(out)
     if repeats and not rename_duplicates:
-        print(f"note: class names repeat after cleaning: {sorted(set(repeats))[:8]}; their prompts are identical "
+        print(f"note: class names repeat after cleaning: {sorted(repeats)[:8]}; their prompts are identical "
               "and their logits tie, as in the official code (--rename-duplicate-classnames numbers them instead)",
               file=sys.stderr)
-        return [str(n) for n in names]
+        return out
+    for name, indices in repeats.items():
+        for k, i in enumerate(indices[1:], start=2):
+            out[i] = f"{name} ({k})"
     return out
-
-
-# ----------------------------------------------------------------------------------------------
-# Shards: written once, named by their content
-
-
-@dataclass(frozen=True)
-class ShardSet:
-    """A directory of shards (the recipe reads a directory as its sorted ``*.tar``) and its sample count."""
-
-    urls: str
-    num_samples: int
-
-
-def sample_key(path: str, base: Path) -> str:
-    """A shard key from the file's path relative to the dataset folder (or to ``--data-root`` for
-    ImageNet's variant folders beside it): no extension, dots → ``_``, so a sample names its file."""
-    pure = PurePath(path)
-    for anchor in (base, base.parent):
-        if pure.is_relative_to(anchor):
-            rel = pure.relative_to(anchor)
-            break
-    else:
-        rel = PurePath(*pure.parts[1:]) if pure.is_absolute() else pure
-    parts = [*rel.parts[:-1], rel.stem]
-    return "/".join(p.replace(".", "_") for p in parts if p not in ("", ".", ".."))
-
-
-def _safe(label: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_.-]+", "_", label).strip("._") or "part"
-
-
-class ShardCache:
-    """Shard sets and class-name files under ``<root>/<dataset>/``, each named by a hash of its content."""
-
-    def __init__(self, root: Path, dataset: str, base: Path, *, workers: int = 1, progress: bool = True) -> None:
-        self.dir = Path(root) / dataset
-        self.base = Path(base)
-        self.workers = max(1, workers)
-        self.progress = progress
-
-    def names(self, names: Sequence[str]) -> Path:
-        """A JSON class-name file (the recipe's ``--classnames`` / eval ``|NAMES``) holding ``names``."""
-        text = json.dumps([str(n) for n in names], ensure_ascii=False)
-        path = self.dir / f"names-{hashlib.sha256(text.encode()).hexdigest()[:16]}.json"
-        if not path.is_file():
-            with atomic_path(path) as tmp:
-                tmp.write_text(text + "\n", encoding="utf-8")
-        return path
-
-    def shards(self, label: str, records: Sequence[ImageRecord], class_keys: Sequence[str]) -> ShardSet:
-        """Write ``records`` as shards unless a set with exactly these records exists; return it."""
-        if not records:
-            raise ValueError(f"{self.dir.name}: the split part {label!r} holds no images")
-        payload = json.dumps([_SHARD_FORMAT, list(class_keys), [[r.path, r.label, r.domain] for r in records]])
-        digest = hashlib.sha256(payload.encode()).hexdigest()
-        final = self.dir / f"{_safe(label)}-{digest[:16]}"
-        marker = final / "_complete.json"
-        if marker.is_file():
-            return ShardSet(str(final), int(json.loads(marker.read_text())["num_samples"]))
-        partial = final.with_name(f"{final.name}.partial-{os.getpid()}")
-        shutil.rmtree(partial, ignore_errors=True)
-        keys: set[str] = set()
-        recs = []
-        for i, r in enumerate(records):
-            key = sample_key(r.path, self.base)
-            key = key if key not in keys else f"{key}~{i}"  # a.jpg beside a.png
-            keys.add(key)
-            recs.append(ShardRecord(r.path, r.label, key, r.domain))
-        source = Source(list(class_keys), recs)
-        info = write_shards(source.samples(self.workers), partial, classnames=list(class_keys), split="data",
-                            prefix="shard", max_samples_per_shard=min(1000, max(1, math.ceil(len(recs) / 16))),
-                            progress=self.progress, total=len(recs))
-        with atomic_path(partial / "_complete.json") as tmp:
-            tmp.write_text(json.dumps({"label": label, "num_samples": info.num_samples, "records_sha256": digest,
-                                       "num_unreadable": source.num_unreadable,
-                                       "unreadable": source.unreadable[:50]}, indent=2))
-        if final.exists():  # left by an interrupted older layout: replace it
-            shutil.rmtree(final)
-        os.replace(partial, final)
-        if source.num_unreadable:
-            _LOG.warning("%s: skipped %d unreadable images (listed in %s)", label, source.num_unreadable, marker)
-        return ShardSet(str(final), info.num_samples)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -328,21 +155,6 @@ def by_domain(records: Sequence[ImageRecord]) -> dict[str, list[ImageRecord]]:
     for r in records:
         groups.setdefault(str(r.domain), []).append(r)
     return groups
-
-
-def check_layout(dataset: Dataset, domains: Sequence[str], classnames: Sequence[str], strict: bool) -> None:
-    """A wrong --data-root or a partial download should fail here, not as a strange number later."""
-    problems = []
-    if dataset.domains and tuple(domains) != dataset.domains:
-        problems.append(f"domain folders {list(domains)} (expected {list(dataset.domains)})")
-    if dataset.num_classes is not None and len(classnames) != dataset.num_classes:
-        problems.append(f"{len(classnames)} classes (expected {dataset.num_classes})")
-    if not problems:
-        return
-    message = f"{dataset.name}: found " + " and ".join(problems)
-    if strict:
-        raise ValueError(message + "; pass --no-layout-check to run on it anyway")
-    _LOG.warning("%s (--no-layout-check: going on)", message)
 
 
 def target_indices(targets: Sequence[str] | None, domains: Sequence[str]) -> list[int]:
@@ -389,79 +201,6 @@ def plan_domainbed(args: argparse.Namespace, dataset: Dataset, folder: Path, cac
         plans.append(RunPlan(target, train, train_names, evals, counts={k: s.num_samples for k, s in tests.items()},
                              info={**split.info, "sizes": split.sizes()}))
     return plans
-
-
-def read_coop(dataset: Dataset, folder: Path) -> tuple[list[ImageRecord], list[ImageRecord] | None,
-                                                         list[ImageRecord], list[str], list[str]]:
-    """(train, val, test, class names, class keys) of a CoOp dataset, from CoOp's own split files.
-
-    ImageNet: ``images/{train,val}/<wnid>/`` and ``classnames.txt`` (no val: CoOp tests on ImageNet's
-    val set). FGVCAircraft: ``variants.txt`` and ``images_variant_{train,val,test}.txt``. The others:
-    ``split_zhou_<name>.json`` (``[path, label, classname]`` lists). A dataset without its split file
-    may be laid out as ``{train,val,test}/<class>/<image>`` instead (val optional).
-    """
-    if dataset.name == "ImageNet":
-        wnids, names = parse_classnames((folder / "classnames.txt").read_text(encoding="utf-8"))
-        train = imagenet_records(folder / "images" / "train", wnids)
-        test = imagenet_records(folder / "images" / "val", wnids)
-        return train, None, test, names, wnids
-    if dataset.name == "FGVCAircraft" and (folder / "variants.txt").is_file():
-        variants = [line.strip() for line in (folder / "variants.txt").read_text().splitlines() if line.strip()]
-        index = {name: i for i, name in enumerate(variants)}
-        parts: dict[str, list[ImageRecord]] = {}
-        for part in ("train", "val", "test"):
-            parts[part] = []
-            for lineno, line in enumerate((folder / f"images_variant_{part}.txt").read_text().splitlines(), 1):
-                image, _, variant = line.strip().partition(" ")
-                if not image:
-                    continue
-                if variant not in index:
-                    raise ValueError(f"images_variant_{part}.txt:{lineno}: {variant!r} is not in variants.txt")
-                parts[part].append(ImageRecord(str(folder / dataset.image_dir / f"{image}.jpg"), index[variant]))
-        return parts["train"], parts["val"], parts["test"], variants, unique_keys(variants)
-    split_file = folder / (dataset.split_file or "")
-    if dataset.split_file and split_file.is_file():
-        return _read_split_json(split_file, folder / dataset.image_dir)
-    if (folder / "train").is_dir() and (folder / "test").is_dir():
-        names, train = list_image_folder(folder / "train")
-        val = None
-        if (folder / "val").is_dir():
-            val_names, val = list_image_folder(folder / "val")
-            _same_classes(names, val_names, folder / "val")
-        test_names, test = list_image_folder(folder / "test")
-        _same_classes(names, test_names, folder / "test")
-        return train, val, test, names, unique_keys(names)
-    expected = dataset.split_file or "images_variant_{train,val,test}.txt and variants.txt"
-    raise FileNotFoundError(f"{dataset.name}: no {expected} (CoOp's split) and no train/ + test/ class folders "
-                            f"under {str(folder)!r}")
-
-
-def _same_classes(names: list[str], other: list[str], where: Path) -> None:
-    if other != names:
-        raise ValueError(f"{str(where)!r} has other class folders than train/: {sorted(set(other) ^ set(names))[:5]}")
-
-
-def _read_split_json(path: Path, image_dir: Path) -> tuple[list[ImageRecord], list[ImageRecord], list[ImageRecord],
-                                                           list[str], list[str]]:
-    data = json.loads(path.read_text(encoding="utf-8"))
-    names_by_label: dict[int, str] = {}
-    parts: dict[str, list[ImageRecord]] = {}
-    for part in ("train", "val", "test"):
-        if part not in data:
-            raise ValueError(f"{path}: no {part!r} list (expected CoOp's split_zhou format)")
-        parts[part] = []
-        for entry in data[part]:
-            if not isinstance(entry, list) or len(entry) != 3:
-                raise ValueError(f"{path}: {part} entry {entry!r} is not [path, label, classname]")
-            rel, label, cname = str(entry[0]), int(entry[1]), str(entry[2])
-            if names_by_label.setdefault(label, cname) != cname:
-                raise ValueError(f"{path}: label {label} is named both {names_by_label[label]!r} and {cname!r}")
-            parts[part].append(ImageRecord(str(image_dir / rel), label))
-    missing = [i for i in range(max(names_by_label) + 1) if i not in names_by_label]
-    if missing:
-        raise ValueError(f"{path}: labels {missing[:5]} have no images, so no class name")
-    names = [names_by_label[i] for i in range(len(names_by_label))]
-    return parts["train"], parts["val"], parts["test"], names, unique_keys(names)
 
 
 def shuffled(records: Sequence[ImageRecord], label: str) -> list[ImageRecord]:
@@ -791,9 +530,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Split, shard, train every target, report. Returns the table row (also written as JSON)."""
     args = parse_args(argv)
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    launch = launch_from_env()
+    if launch.world_size > 1:
         raise RuntimeError("run recipes/paper.py as a plain process and give --launcher 'torchrun ...': under "
-                           "torchrun every rank would convert the dataset and launch the runs")
+                           f"{launch.launcher} ({launch.world_size} ranks) every rank would convert the dataset "
+                           "and launch the runs")
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
     table, dataset = args.table, args.dataset_spec
@@ -818,7 +559,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     results = []
     run_dirs = []
     for plan in plans:
-        run_dir = base_dir / _safe(plan.name) if table in (1, 4) else base_dir
+        run_dir = base_dir / safe_name(plan.name) if table in (1, 4) else base_dir
         run_dirs.append(run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
         run_config = config

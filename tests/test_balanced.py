@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import io
 import math
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from _helpers import import_recipe
 from PIL import Image
 
 from clipood_plugin.data.balanced import domain_seed, make_balanced_loader, parse_domain_urls
@@ -142,15 +142,6 @@ def test_bad_arguments_are_named() -> None:
 # The recipe with --train-shards-per-domain: balanced steps, and a mid-epoch resume that replays
 
 
-def _recipe():  # type: ignore[no-untyped-def]
-    sys.path.insert(0, str(ROOT / "recipes"))
-    try:
-        import imagenet_webdataset as recipe
-    finally:
-        sys.path.pop(0)
-    return recipe
-
-
 def recipe_argv(shards: dict[str, str], out: Path, *extra: str) -> list[str]:
     argv = []
     for domain in ("art", "photo"):
@@ -163,7 +154,7 @@ def recipe_argv(shards: dict[str, str], out: Path, *extra: str) -> list[str]:
 def test_recipe_balanced_run_resumes_mid_epoch_bit_for_bit(shards: dict[str, str], tmp_path: Path) -> None:
     from clipood_plugin.training.checkpoint import load_checkpoint
 
-    recipe = _recipe()
+    recipe = import_recipe()
     reference = tmp_path / "reference"
     results = recipe.main(recipe_argv(shards, reference, "--checkpoint-interval", "3"))
     assert results["step"] == results["total_steps"] == 6  # 2 epochs of 4 steps, cut at 6
@@ -182,7 +173,7 @@ def test_recipe_balanced_run_resumes_mid_epoch_bit_for_bit(shards: dict[str, str
 
 
 def test_recipe_rejects_both_kinds_of_training_shards(shards: dict[str, str], tmp_path: Path) -> None:
-    recipe = _recipe()
+    recipe = import_recipe()
     argv = recipe_argv(shards, tmp_path / "x", "--train-shards", shards["sketch"])
     with pytest.raises(ValueError, match="not both"):
         recipe.main(argv)

@@ -9,17 +9,15 @@ from __future__ import annotations
 
 import functools
 import http.server
-import io
 import shutil
 import threading
 from collections.abc import Iterator
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 import webdataset
-from PIL import Image
+from _helpers import solid_png, to_tensor
 
 from clipood_plugin.data.make_shards import write_shards
 from clipood_plugin.data.stream import make_train_loader
@@ -29,14 +27,8 @@ pytestmark = pytest.mark.skipif(shutil.which("curl") is None, reason="webdataset
 N, PER_SHARD, CLASSES = 16, 4, 4
 
 
-def to_tensor(img: Image.Image) -> torch.Tensor:
-    return torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1)
-
-
 def png(index: int) -> bytes:
-    buf = io.BytesIO()
-    Image.new("RGB", (8, 8), (9 * index, 7, 5)).save(buf, format="PNG")
-    return buf.getvalue()
+    return solid_png(8, (9 * index, 7, 5))
 
 
 class _Quiet(http.server.SimpleHTTPRequestHandler):

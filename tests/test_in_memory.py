@@ -9,16 +9,14 @@ so a batch tells which samples it holds without help from the code under test. T
 
 from __future__ import annotations
 
-import io
 import math
 import random
-import tarfile
 from fractions import Fraction
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
+from _helpers import solid_png, to_tensor, write_tar
 from PIL import Image
 
 from clipood_plugin.data.in_memory import make_in_memory_loader, use_in_memory
@@ -31,13 +29,7 @@ PER_PASS = N // BATCH  # drop_last: 22 full batches, 8 samples sit each pass out
 
 
 def png(index: int) -> bytes:
-    buf = io.BytesIO()
-    Image.new("RGB", (8, 8), (index % 256, index // 256, 7)).save(buf, format="PNG")
-    return buf.getvalue()
-
-
-def to_tensor(img: Image.Image) -> torch.Tensor:
-    return torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1)
+    return solid_png(8, (index % 256, index // 256, 7))
 
 
 def augment(img: Image.Image) -> torch.Tensor:
@@ -158,20 +150,12 @@ def test_a_resumed_epoch_replays_the_same_batches_and_augmentation(shards: str) 
     assert noise.unique().numel() > PER_PASS  # the augmentation is random across samples, not constant
 
 
-def _write_tar(path: Path, members: dict[str, bytes]) -> None:
-    with tarfile.open(path, "w") as tar:
-        for name, data in members.items():
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-
-
 def test_bad_samples_are_counted_and_dropped_a_bad_label_is_an_error(tmp_path: Path) -> None:
     members: dict[str, bytes] = {}
     for i in range(6):  # a sample's files must be adjacent in the tar
         members |= {f"g{i}.png": png(i), f"g{i}.cls": b"1"}
     members |= {"bad.png": b"\x89PNG\r\n\x1a\n" + b"garbage" * 8, "bad.cls": b"0"}
-    _write_tar(tmp_path / "a.tar", members)
+    write_tar(tmp_path / "a.tar", members)
     loader = make_in_memory_loader(str(tmp_path / "a.tar"), batch_size=3, transform=to_tensor, num_classes=2)
     assert (loader.num_samples, loader.num_skipped, loader.steps_per_epoch) == (6, 1, 2)
     assert sorted(i for b in batches(loader, range(1), lambda i: 1) for i in b) == list(range(6))
@@ -179,7 +163,7 @@ def test_bad_samples_are_counted_and_dropped_a_bad_label_is_an_error(tmp_path: P
     with pytest.raises(ValueError, match="fewer than one global batch"):
         make_in_memory_loader(str(tmp_path / "a.tar"), batch_size=4, transform=to_tensor, num_classes=2,
                               world_size=2)
-    _write_tar(tmp_path / "b.tar", {"k0.png": png(0), "k0.cls": b"9"})
+    write_tar(tmp_path / "b.tar", {"k0.png": png(0), "k0.cls": b"9"})
     with pytest.raises(ValueError, match=r"b\.tar.*sample 'k0'.*label 9"):
         make_in_memory_loader(str(tmp_path / "b.tar"), batch_size=1, transform=to_tensor, num_classes=2)
 

@@ -5,7 +5,6 @@ Each run is a subprocess, as a user runs it (and so SIGKILL and torchrun can be 
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import re
@@ -18,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from _helpers import import_recipe, write_tar
 
 from clipood_plugin import BetaMovingAverage
 from clipood_plugin.training.checkpoint import load_checkpoint
@@ -87,19 +87,23 @@ def test_a_short_run_writes_everything_and_the_average_loads(reference: Path) ->
     assert bma.steps == 20
 
 
-def test_sigkill_then_resume_auto_gives_the_same_average(shards: Path, reference: Path, tmp_path: Path) -> None:
-    out = tmp_path / "killed"
-    args = base_args(shards, out, "--total-steps", "20", "--checkpoint-interval", "5")
+def sigkill_once_written(args: list[str], out: Path, target: Path) -> None:
+    """Run the recipe with ``args`` (output ``out``) and SIGKILL it as soon as ``target`` exists, before it ends."""
     proc = subprocess.Popen([sys.executable, str(RECIPE), *args], env=ENV, cwd=ROOT,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    target = out / "checkpoints" / "checkpoint-10.pt"
     deadline = time.monotonic() + 240
     while not target.exists() and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    assert target.exists(), "the run never reached step 10"
+    assert target.exists(), f"the run never wrote {target.name}"
     assert not (out / "results.json").exists(), "the run finished before it was killed"
+
+
+def test_sigkill_then_resume_auto_gives_the_same_average(shards: Path, reference: Path, tmp_path: Path) -> None:
+    out = tmp_path / "killed"
+    args = base_args(shards, out, "--total-steps", "20", "--checkpoint-interval", "5")
+    sigkill_once_written(args, out, out / "checkpoints" / "checkpoint-10.pt")
 
     resumed = run([*args, "--resume", "auto"])
     assert resumed.returncode == 0, resumed.stderr[-3000:]
@@ -285,20 +289,12 @@ def test_carft_loss_and_wise_evaluation(shards: Path, tmp_path: Path) -> None:
     assert all(v == v for v in losses(out))
 
 
-def _write_tar(path: Path, members: dict[str, bytes]) -> None:
-    with tarfile.open(path, "w") as tar:
-        for name, data in members.items():
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-
-
 def test_corrupt_image_and_truncated_tar_are_skipped_and_counted(shards: Path, tmp_path: Path) -> None:
     bad = tmp_path / "bad"
     bad.mkdir()
     for name in ("train-000000.tar", "train-000001.tar", "classnames.json"):
         (bad / name).write_bytes((shards / name).read_bytes())
-    _write_tar(bad / "train-000002.tar", {"x1.png": b"\x89PNG\r\n\x1a\n" + b"garbage" * 20, "x1.cls": b"1"})
+    write_tar(bad / "train-000002.tar", {"x1.png": b"\x89PNG\r\n\x1a\n" + b"garbage" * 20, "x1.cls": b"1"})
     whole = (shards / "train-000003.tar").read_bytes()
     (bad / "train-000003.tar").write_bytes(whole[: len(whole) // 2])
     out = tmp_path / "out"
@@ -319,22 +315,13 @@ def test_label_out_of_range_is_an_error_naming_shard_and_key(shards: Path, tmp_p
     members: dict[str, bytes] = {}
     for i in range(4):  # a sample's files must be adjacent in the tar
         members |= {f"k{i}.png": image, f"k{i}.cls": b"99"}
-    _write_tar(bad / "train-000000.tar", members)
+    write_tar(bad / "train-000000.tar", members)
     out = tmp_path / "out"
     args = base_args(shards, out, "--total-steps", "2", "--no-eval-zero-shot", "--train-num-samples", "4")
     args[args.index("--train-shards") + 1] = str(bad / "train-000000.tar")
     proc = run(args)
     assert proc.returncode != 0
     assert re.search(r"train-000000\.tar.*sample 'k\d'.*label 99", proc.stderr), proc.stderr[-2000:]
-
-
-def import_recipe():  # type: ignore[no-untyped-def]
-    sys.path.insert(0, str(RECIPE.parent))
-    try:
-        import imagenet_webdataset as recipe
-    finally:
-        sys.path.pop(0)
-    return recipe
 
 
 def test_real_weights_path_up_to_the_download(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -9,16 +9,14 @@ from __future__ import annotations
 import json
 import math
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
-from test_recipe import ENV, RECIPE, ROOT, base_args, run, shards  # noqa: F401 (shards is a fixture)
+from test_recipe import ENV, ROOT, base_args, run, shards, sigkill_once_written  # noqa: F401 (shards is a fixture)
 
 from clipood_plugin import BetaMovingAverage
 from clipood_plugin.posthoc import beta_average, load_snapshots, segment_boundaries
@@ -94,16 +92,8 @@ def test_sigkill_mid_segment_then_resume_auto_records_the_same_trajectory(shards
                                                                          tmp_path: Path) -> None:
     out = tmp_path / "killed"
     args = multi_args(shards, out)
-    proc = subprocess.Popen([sys.executable, str(RECIPE), *args], env=ENV, cwd=ROOT,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     target = out / "checkpoints" / "checkpoint-14.pt"  # 14 is inside the segment 11..15
-    deadline = time.monotonic() + 240
-    while not target.exists() and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert target.exists(), "the run never reached step 14"
-    assert not (out / "results.json").exists(), "the run finished before it was killed"
+    sigkill_once_written(args, out, target)
     assert load_checkpoint(target)["posthoc"]["count"] == 4  # steps 11..14 open in memory only
 
     resumed = run([*args, "--resume", "auto"])

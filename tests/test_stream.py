@@ -7,7 +7,6 @@ samples 5k … 5k+4 (written in order, 5 per shard).
 
 from __future__ import annotations
 
-import io
 import json
 import shutil
 import tarfile
@@ -16,10 +15,9 @@ from collections import Counter
 from pathlib import Path
 
 import fsspec
-import numpy as np
 import pytest
 import torch
-from PIL import Image
+from _helpers import solid_png, to_tensor
 
 from clipood_plugin.data.make_shards import write_shards
 from clipood_plugin.data.stream import epoch_steps, make_eval_loader, make_train_loader
@@ -27,14 +25,8 @@ from clipood_plugin.data.stream import epoch_steps, make_eval_loader, make_train
 N, PER_SHARD, CLASSES = 40, 5, 4
 
 
-def to_tensor(img: Image.Image) -> torch.Tensor:
-    return torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1)
-
-
 def png(index: int) -> bytes:
-    buf = io.BytesIO()
-    Image.new("RGB", (16, 16), (6 * index, 3, 9)).save(buf, format="PNG")
-    return buf.getvalue()
+    return solid_png(16, (6 * index, 3, 9))
 
 
 def sample(index: int) -> dict:

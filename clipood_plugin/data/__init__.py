@@ -1,7 +1,9 @@
 """Data layer: write WebDataset shards, stream them for training, and decide which URLs to open.
 
-- :mod:`clipood_plugin.data.make_shards` — :func:`write_shards` and the ``clipood-make-shards`` CLI
-  (ImageFolder, CSV and DomainBed sources).
+- :mod:`clipood_plugin.data.shard_writer` — :func:`write_shards`: samples into deterministic tar
+  shards with timm's and open_clip's metadata beside them.
+- :mod:`clipood_plugin.data.shard_sources` — ImageFolder, CSV and DomainBed trees as samples for it.
+- :mod:`clipood_plugin.data.make_shards` — the ``clipood-make-shards`` CLI (it re-exports both).
 - :mod:`clipood_plugin.data.stream` — :func:`make_train_loader` / :func:`make_eval_loader`, the
   open_clip-order pipeline built from webdataset's stages.
 - :mod:`clipood_plugin.data.in_memory` — :func:`make_in_memory_loader`, uniform batches from a small
@@ -20,15 +22,15 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from clipood_plugin.data.in_memory import InMemoryLoader, make_in_memory_loader
-    from clipood_plugin.data.make_shards import ShardSetInfo, write_shards
+    from clipood_plugin.data.shard_writer import ShardSetInfo, write_shards
     from clipood_plugin.data.stream import EvalLoader, TrainLoader, make_eval_loader, make_train_loader
     from clipood_plugin.data.urls import ShardStoreError, check_url, expand_urls, register_fsspec_handlers
 
 _PUBLIC = {
     "InMemoryLoader": "clipood_plugin.data.in_memory",
     "make_in_memory_loader": "clipood_plugin.data.in_memory",
-    "ShardSetInfo": "clipood_plugin.data.make_shards",
-    "write_shards": "clipood_plugin.data.make_shards",
+    "ShardSetInfo": "clipood_plugin.data.shard_writer",
+    "write_shards": "clipood_plugin.data.shard_writer",
     "EvalLoader": "clipood_plugin.data.stream",
     "TrainLoader": "clipood_plugin.data.stream",
     "make_eval_loader": "clipood_plugin.data.stream",

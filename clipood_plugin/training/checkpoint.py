@@ -23,6 +23,10 @@ when it is complete. DCP's traps, and what we do about them:
   RNG, a data position) therefore needs a per-rank key: :func:`per_rank_key`.
 - DCP unpickles non-tensor values with ``weights_only=False``; our load planner reads them with
   ``weights_only=True`` first, so a checkpoint holding code is refused, as for single files.
+
+:func:`atomic_path` (a temporary path beside the destination, moved over it on clean exit) and
+:func:`atomic_write_bytes` are the atomic writes every file here goes through, public for recipes
+and scripts that write their own outputs.
 """
 
 from __future__ import annotations
@@ -41,11 +45,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from clipood_plugin._io import atomic_path
+from clipood_plugin._io import atomic_path, atomic_write_bytes
 
 __all__ = [
     "CheckpointManager",
     "ShardedCheckpointManager",
+    "atomic_path",
+    "atomic_write_bytes",
     "capture_rng",
     "load_checkpoint",
     "load_sharded_checkpoint",
@@ -235,8 +241,6 @@ def save_sharded_checkpoint(directory: str | os.PathLike[str], state: dict[str, 
     except CheckpointException as exc:  # a BaseException: `except Exception` would let it through
         raise RuntimeError(f"sharded checkpoint {final} failed on some rank: {exc}") from exc
     if _rank() == 0:
-        from clipood_plugin._io import atomic_write_bytes
-
         atomic_write_bytes(partial / _META, json.dumps({"version": FORMAT_VERSION, **(meta or {})}).encode())
         if final.exists():
             trash = final.parent / f".{final.name}.old"

@@ -9,6 +9,9 @@ as one unit, which still splits its weights, gradients and optimizer state, but 
 them for forward.
 
 Only the tower is sharded. The text head is a frozen buffer replicated on every rank.
+
+:func:`local_views` (each DTensor's local shard as a view, plain tensors as they are) is re-exported
+for scripts that time or inspect what each rank holds.
 """
 
 from __future__ import annotations
@@ -22,7 +25,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-__all__ = ["ensure_process_group", "export_full", "full_model_state_dict", "shard_tower", "tower_blocks"]
+from clipood_plugin._sharding import local_views
+
+__all__ = ["ensure_process_group", "export_full", "full_model_state_dict", "local_views", "shard_tower", "tower_blocks"]
 
 
 def ensure_process_group(device: torch.device) -> None:

@@ -14,7 +14,6 @@ protocol-clean comparison: there the lr is chosen on source-domain validation on
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import os
@@ -31,7 +30,7 @@ from clipood_plugin.world.tiny_clip import (
     load_pretrained,
 )
 
-__all__ = ["EmbeddedTask", "prepare_embedded_default", "prepare_world"]
+__all__ = ["EmbeddedDefault", "EmbeddedTask", "embedded_default", "prepare_world"]
 
 
 @dataclass(frozen=True)
@@ -100,25 +99,48 @@ def prepare_world(task: EmbeddedTask, cache_dir: str | os.PathLike[str] | None =
     return paths
 
 
-def prepare_embedded_default(args: argparse.Namespace, defaults: dict[str, Any], *, primary: bool = True) -> None:
-    """Point the recipe's ``args`` at the embedded world (in place).
+@dataclass(frozen=True)
+class EmbeddedDefault:
+    """What the recipe runs when it is given no data arguments: the world's shards, the tiny CLIP
+    and the fine-tuning settings, as plain values (:func:`embedded_default` builds it).
 
-    Data, model and template are always set; the fine-tuning settings only where ``args`` still
-    holds the recipe's default (``defaults``: flag dest → default), so ``--lr`` and friends still
-    work on the embedded default.
+    The recipe always trains on ``train_shards`` / ``classnames``; the other fields replace only
+    what the user left at the recipe's defaults, so ``--lr`` and friends still apply.
     """
-    task = QUICK if getattr(args, "quick", False) else EmbeddedTask()
-    paths = prepare_world(task, args.cache_dir, progress=primary)
-    args.train_shards = paths["train"]
-    args.classnames = paths["classnames"]
-    if not args.eval_shards:
-        args.eval_shards = [f"{d if d in task.sources else d + '-heldout'}={p}" for d, p in paths["test"].items()]
-    if args.model is None:
-        args.model, args.pretrained = MODEL_NAME, paths["weights"]
-    if args.template == defaults.get("template"):
-        args.template = CLASS_PROMPT
-    for dest, value in task.hparams:
-        if getattr(args, dest) == defaults.get(dest):
-            setattr(args, dest, value)
-    if args.output == defaults.get("output"):
-        args.output = str(Path(args.output).parent / "embedded-default")
+
+    #: brace pattern of the source domains' training shards
+    train_shards: str
+    #: path of the ``classnames.json`` beside them
+    classnames: str
+    #: ``NAME=URLS`` eval specs, one per domain; held-out domains are named ``<domain>-heldout``
+    eval_shards: tuple[str, ...]
+    #: open_clip model name of the tiny CLIP
+    model: str
+    #: path of its pretrained safetensors weights
+    pretrained: str
+    #: the prompt template the tiny CLIP was pretrained with
+    template: str
+    #: recipe flag dest → value (``lr``, ``total_steps``, ``batch_size``, …)
+    hparams: dict[str, Any]
+    #: the output directory's name, beside the recipe's default output directory
+    output_name: str = "embedded-default"
+
+
+def embedded_default(quick: bool = False, cache_dir: str | os.PathLike[str] | None = None, *,
+                     progress: bool = True) -> EmbeddedDefault:
+    """Prepare the embedded default task (:data:`QUICK` when ``quick``) and return what to run it with.
+
+    Pretrains (or loads) the tiny CLIP and writes (or finds) the shards, as :func:`prepare_world`,
+    cached under ``cache_dir``; ``progress`` shows progress bars.
+    """
+    task = QUICK if quick else EmbeddedTask()
+    paths = prepare_world(task, cache_dir, progress=progress)
+    return EmbeddedDefault(
+        train_shards=paths["train"],
+        classnames=paths["classnames"],
+        eval_shards=tuple(f"{d if d in task.sources else d + '-heldout'}={p}" for d, p in paths["test"].items()),
+        model=MODEL_NAME,
+        pretrained=paths["weights"],
+        template=CLASS_PROMPT,
+        hparams=dict(task.hparams),
+    )
