@@ -242,7 +242,7 @@ def apply_embedded_default(args: argparse.Namespace, default: EmbeddedDefault) -
     if args.model is None:
         args.model, args.pretrained = default.model, default.pretrained
     if args.template == flags.get_default("template"):
-        args.template = default.template
+        args.template = list(default.template)  # a list: args are saved as YAML
     for dest, value in default.hparams.items():
         if getattr(args, dest) == flags.get_default(dest):
             setattr(args, dest, value)

@@ -15,7 +15,7 @@ from _helpers import import_recipe
 
 from clipood_plugin.world import default as world_default
 from clipood_plugin.world.default import QUICK, EmbeddedDefault, EmbeddedTask, embedded_default
-from clipood_plugin.world.images import CLASS_PROMPT
+from clipood_plugin.world.images import CLASS_PROMPTS
 from clipood_plugin.world.tiny_clip import MODEL_NAME
 
 
@@ -34,15 +34,15 @@ def test_embedded_default_returns_the_tasks_values(monkeypatch: pytest.MonkeyPat
     task = QUICK if quick else EmbeddedTask()
     assert calls == [(task, "/cache", False)]
     assert (got.train_shards, got.classnames, got.model, got.pretrained, got.template) == (
-        "train-{0..1}.tar", "classnames.json", MODEL_NAME, "w.safetensors", CLASS_PROMPT)
-    assert got.eval_shards == (*(f"{d}=test-{d}.tar" for d in task.sources),
+        "train-{0..1}.tar", "classnames.json", MODEL_NAME, "w.safetensors", CLASS_PROMPTS)
+    assert got.eval_shards == ("val=val.tar", *(f"{d}=test-{d}.tar" for d in task.sources),
                                *(f"{d}-heldout=test-{d}.tar" for d in task.held_out))
     assert got.hparams == dict(task.hparams) and got.output_name == "embedded-default"
 
 
 DEFAULT = EmbeddedDefault(train_shards="world/train.tar", classnames="world/classnames.json",
                           eval_shards=("photo=p.tar", "sketch-heldout=s.tar"), model=MODEL_NAME,
-                          pretrained="w.safetensors", template=CLASS_PROMPT,
+                          pretrained="w.safetensors", template=CLASS_PROMPTS,
                           hparams={"lr": 1e-4, "total_steps": 300, "workers": 1})
 
 
@@ -52,7 +52,7 @@ def test_the_recipe_applies_the_values_where_flags_hold_their_defaults(tmp_path:
     recipe.apply_embedded_default(args, DEFAULT)
     assert (args.train_shards, args.classnames, args.eval_shards) == (
         "world/train.tar", "world/classnames.json", ["photo=p.tar", "sketch-heldout=s.tar"])
-    assert (args.model, args.pretrained, args.template) == (MODEL_NAME, "w.safetensors", CLASS_PROMPT)
+    assert (args.model, args.pretrained, args.template) == (MODEL_NAME, "w.safetensors", list(CLASS_PROMPTS))
     assert (args.lr, args.total_steps, args.workers) == (1e-4, 300, 1)
     assert Path(args.output) == Path(recipe.build_parser().get_default("output")).parent / "embedded-default"
 

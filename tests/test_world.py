@@ -102,17 +102,37 @@ def test_captions_name_domain_colour_and_class_and_fit_the_context() -> None:
     for s in iter_samples(spec, SPLITS["pretrain"]):
         words = re.findall(r"[a-z]+", s["txt"])
         cls, dom = spec.classes[s["cls"]], s["domain"]
-        assert cls in words and dom in words, s["txt"]
+        named = [c for c in CLASSNAMES if c in words]
+        assert dom in words, s["txt"]
         assert sum(c in words for c in COLOURS) == 1, s["txt"]
-        assert [c for c in CLASSNAMES if c in words] == [cls], s["txt"]  # no other class is named
+        assert named in ([cls], [world.LOOSE_NAMES.get(cls, cls)]), s["txt"]  # the class or its loose name only
         captions.append(s["txt"])
         classes.append(cls)
         domains.append(dom)
     assert len(set(captions)) > len(captions) // 3  # templates and colours vary
-    tokens = tokenizer(captions + [world.CLASS_PROMPT.format(c) for c in CLASSNAMES])
+    prompts = [t.format(c) for t in (world.CLASS_PROMPT, *world.CLASS_PROMPTS) for c in CLASSNAMES]
+    tokens = tokenizer(captions + prompts)
     eot = tokenizer.eot_token_id
     assert (tokens == eot).sum(dim=1).eq(1).all()
     assert (tokens[:, -1] == 0).all()  # never truncated: a pad is left at the end of every row
+
+
+def test_loose_names_replace_the_class_name_at_their_rate() -> None:
+    # Captions of a loose-named class use the loose name with probability LOOSE_NAME_RATE, every
+    # other class is always named exactly; labels never change. Binomial check: 5 sigma.
+    spec = WorldSpec(classes=(*world.LOOSE_NAMES, "heart"), samples_per_class_domain=60)
+    loose = total = 0
+    for s in iter_samples(spec, SPLITS["pretrain"]):
+        cls = spec.classes[s["cls"]]
+        words = re.findall(r"[a-z]+", s["txt"])
+        if cls == "heart":
+            assert "heart" in words, s["txt"]
+            continue
+        total += 1
+        loose += world.LOOSE_NAMES[cls] in words and cls not in words
+    p = world.LOOSE_NAME_RATE
+    assert abs(loose - p * total) <= 5 * (total * p * (1 - p)) ** 0.5, (loose, total)
+    assert set(world.LOOSE_NAMES) | set(world.LOOSE_NAMES.values()) <= set(CLASSNAMES)
 
 
 def test_domains_differ_in_low_level_statistics() -> None:
@@ -370,9 +390,7 @@ def test_default_tiny_clip_is_a_fair_stand_in_for_a_pretrained_clip(tmp_path_fac
     model, _, tokenizer = load_pretrained(spec, cache_dir=cache, progress=False)
     chance = 1 / len(spec.classes)
     acc = per_domain_zero_shot(model, tokenizer, spec, n=20)
-    assert min(acc.values()) >= 3 * chance, acc  # a usable zero-shot classifier on every domain
-    assert max(acc.values()) <= 0.9, acc  # with headroom left for fine-tuning
-    # the domain shift story: domains rare in pretraining are the weak ones
-    assert max(acc["sketch"], acc["infograph"]) < min(acc["photo"], acc["cartoon"]), acc
+    assert min(acc.values()) >= 10 * chance, acc  # a usable zero-shot classifier on every domain
+    assert max(acc.values()) <= 0.85, acc  # with headroom left for fine-tuning
     before, after = finetuned_gain(model, tokenizer, spec, "sketch", steps=300, n_eval=20)
     assert after >= before + 0.10, (before, after)
