@@ -2,8 +2,8 @@
 
     python benchmarks/official_moved.py [--lrs 5e-6 3e-4] [--steps 300] [--cache-dir DIR] [--json out.json]
 
-Fine-tunes the embedded world's pretrained tiny CLIP on its source domains (photo, cartoon,
-painting) with MMS in the official numerics (``to_official_precision``, ``OfficialPrecisionStep``,
+Fine-tunes the embedded world's pretrained tiny CLIP on the main job's source domains (photo,
+sketch, cartoon, infograph) with MMS in the official numerics (``to_official_precision``, ``OfficialPrecisionStep``,
 fp16 MMS logits, AdamW wd 0.1, CosineAnnealingLR over ``--steps``, batch 36) and records, for every
 element of the image tower, whether it ever changed at any step. The table gives the fraction of
 elements that moved, per |θ_0| bin for the fp16 tensors, and for the fp32 ones (LayerNorms,
