@@ -125,7 +125,7 @@ class Config:
             raise ValueError(f"held-out domains must be among {list(DOMAINS)}, got {unknown or 'none'}")
 
 
-#: CI's quick run (about 3 minutes once the tiny CLIP is cached): one seed, one lr (the grid's
+#: CI's quick run (about 2 minutes once the tiny CLIP is cached): one seed, one lr (the grid's
 #: top, which source validation picks for every domain-shift setting of the full run), half the
 #: test images, two held-out domains. No selection happens, so calibration target 5 fails here.
 QUICK = Config(seeds=1, eval_per_class_domain=10, lrs=(6e-4,), held_out=("photo", "painting"))
