@@ -344,8 +344,8 @@ class Bench:
 
     def train_family(self, family: str, task: Task, lr: float, seed: int,
                      advance: Callable[[], None]) -> tuple[dict[str, nn.Module], Tensor | None]:
-        """One trajectory: the family's towers (``ce_frozen`` also gives ``wise_ft``) and, for CE
-        with a linear head, its trained rows."""
+        """One trajectory: the family's trained towers (``wise_ft`` is mixed from ``ce_frozen`` by the
+        caller, for the chosen lr only) and, for CE with a linear head, its trained rows."""
         cfg, head = self.cfg, self.head.subset(task.train_classes)
         x, y = task.train_x, task.train_y
         if family == "ce_linear":
@@ -356,7 +356,7 @@ class Bench:
         if family == "ce_frozen":
             ce = HeadCrossEntropy(head)
             tower, _ = train_tower(self.tower0, x, y, lambda f, t, _: ce(f, t), cfg, lr, seed, advance=advance)
-            return {"ce_frozen": tower, "wise_ft": self.wise(tower, cfg.wise_alpha)}, None
+            return {"ce_frozen": tower}, None
         if family == "mms":
             mms = MMSLoss(head, lam=cfg.lam, check_inputs=False)
             tower, (ema, bma) = train_tower(
@@ -396,8 +396,16 @@ class Bench:
         return evaluate(task, feats, self.test, self.weight_for(task, linear_rows), self.spec, self.base, self.new)
 
 
+def _mean(values: Sequence[float]) -> float:
+    return statistics.fmean(values)
+
+
+def _std(values: Sequence[float]) -> float:
+    return statistics.stdev(values) if len(values) > 1 else 0.0
+
+
 def _summary(values: list[float]) -> dict[str, float]:
-    return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0}
+    return {"mean": _mean(values), "std": _std(values)}
 
 
 def _trainings(cfg: Config) -> int:
@@ -451,13 +459,19 @@ def run(cfg: Config, spec: WorldSpec | None = None, *, progress: bool = True) ->
                     else:
                         bar.update(job, description=f"{setting}: {family}, lr {lr:g}, seed {seed}")
                         towers, rows = bench.train_family(family, task, lr, seed, advance)
-                    for m in members:
-                        record(setting, m, bench.test_metrics(towers[m], task, rows if m == "ce_linear" else None),
-                               bench.val_acc(towers[m], task, rows if m == "ce_linear" else None))
                     if family == "ce_frozen":
+                        towers = {**towers, "wise_ft": bench.wise(towers["ce_frozen"], cfg.wise_alpha)}
+                    metrics = {}
+                    for m in members:
+                        own_rows = rows if m == "ce_linear" else None
+                        metrics[m] = bench.test_metrics(towers[m], task, own_rows)
+                        record(setting, m, metrics[m], bench.val_acc(towers[m], task, own_rows))
+                    if family == "ce_frozen":  # the α curve; its ends and α = wise_alpha are measured already
+                        known = {0.0: zs_metrics, 1.0: metrics["ce_frozen"], cfg.wise_alpha: metrics["wise_ft"]}
                         curve: dict[str, list[float]] = {}
                         for alpha in WISE_ALPHAS:
-                            for k, v in bench.test_metrics(bench.wise(towers["ce_frozen"], alpha), task).items():
+                            got = known[alpha] if alpha in known else bench.test_metrics(bench.wise(towers["ce_frozen"], alpha), task)
+                            for k, v in got.items():
                                 curve.setdefault(k, []).append(v)
                         wise_curve[setting].append(curve)
                 runs.clear()
@@ -517,14 +531,6 @@ def run(cfg: Config, spec: WorldSpec | None = None, *, progress: bool = True) ->
 # ---------------------------------------------------------------------------------------------
 # Calibration: the published baseline facts, checked on baselines only
 # ---------------------------------------------------------------------------------------------
-
-
-def _mean(values: Sequence[float]) -> float:
-    return statistics.fmean(values)
-
-
-def _std(values: Sequence[float]) -> float:
-    return statistics.stdev(values) if len(values) > 1 else 0.0
 
 
 def calibration(res: dict[str, Any]) -> dict[str, Any]:
