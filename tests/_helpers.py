@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import io
 import sys
 import tarfile
@@ -36,11 +37,10 @@ def write_tar(path: Path, members: dict[str, bytes]) -> None:
             tar.addfile(info, io.BytesIO(data))
 
 
-def import_recipe() -> ModuleType:
-    """``recipes/imagenet_webdataset.py`` as a module (recipes/ is a folder of scripts, not a package)."""
+def import_recipe(name: str = "imagenet_webdataset") -> ModuleType:
+    """``recipes/<name>.py`` as a module (recipes/ is a folder of scripts, not a package)."""
     sys.path.insert(0, str(RECIPES))
     try:
-        import imagenet_webdataset as recipe
+        return importlib.import_module(name)
     finally:
         sys.path.pop(0)
-    return recipe

@@ -21,6 +21,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
+from _helpers import import_recipe
 
 from clipood_plugin.protocols.base_to_new import harmonic_mean
 from clipood_plugin.world.images import SPLITS, WorldSpec, make_tensors
@@ -153,21 +155,8 @@ def test_full_benchmark_meets_every_calibration_target_from_a_cold_cache(tmp_pat
     assert [res["calibration"][k]["pass"] for k in sorted(res["calibration"]) if k != "all_pass"] == [True] * 5
 
 
-def _load_benchmark() -> Any:
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("ood_benchmark_under_test", ROOT / "recipes" / "ood_benchmark.py")
-    module = importlib.util.module_from_spec(spec)
-    assert spec.loader is not None
-    sys.modules[spec.name] = module  # dataclasses look their module up while the class is built
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_open_class_trains_on_a_16_shot_draw_with_the_protocols_few_shot_val() -> None:
-    import torch
-
-    ob = _load_benchmark()
+    ob = import_recipe("ood_benchmark")
     spec = WorldSpec()
     cfg = ob.Config(train_per_class_domain=4, eval_per_class_domain=2)  # 20 train, 10 val images per class
     tasks, _, base, new = ob.build_tasks(spec, cfg)
